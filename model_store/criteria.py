@@ -1,0 +1,133 @@
+"""Exit criteria: pure functions over per-row tensors with per-row thresholds.
+
+Nothing here is stored on a model: every call gets the thresholds of the rows it decides for, so rows of
+different requests (different speeds, different criteria) share one batch without racing.
+
+The serving knob is ``speed`` in [0, 1], higher = faster, for every criterion. ``threshold_for`` turns a
+speed into the criterion's native threshold:
+
+* ``normalized_entropy`` (FastBERT): exit when H(p) / log N < speed.
+* ``entropy`` (DeeBERT): exit when H(p) < threshold in nats; threshold = speed * log N. On the same speed
+  it decides exactly like ``normalized_entropy``; it exists so DeeBERT thresholds in nats carry over.
+* ``max_prob``: exit when max p >= threshold; threshold = 1 - speed * (1 - 1/N).
+* ``patience`` (PABEE): exit once ``patience + 1`` consecutive ramps agree on the label;
+  patience = round((1 - speed) * (L - 1)).
+
+Speed 0 never exits early (the final layer always answers); speed 1 exits at the first ramp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+
+class Criterion(StrEnum):
+    """How a ramp decides that a row is confident enough to leave."""
+
+    NORMALIZED_ENTROPY = "normalized_entropy"
+    ENTROPY = "entropy"
+    MAX_PROB = "max_prob"
+    PATIENCE = "patience"
+
+
+# Stable integer codes so a batch can carry one criterion per row as a tensor.
+CRITERION_CODES: dict[Criterion, int] = {criterion: code for code, criterion in enumerate(Criterion)}
+
+NEVER = math.inf  # a threshold no row passes (for ">=" criteria) / every row passes (for "<" ones)
+
+
+def threshold_for(criterion: Criterion, speed: float, num_labels: int, num_layers: int) -> float:
+    """The native threshold of ``criterion`` for a speed in [0, 1] (see the module docstring)."""
+    if not 0.0 <= speed <= 1.0 or math.isnan(speed):
+        raise ValueError(f"speed must be within [0, 1], got {speed}")
+    if criterion is Criterion.NORMALIZED_ENTROPY:
+        return math.inf if speed >= 1.0 else speed
+    if criterion is Criterion.ENTROPY:
+        return math.inf if speed >= 1.0 else speed * math.log(num_labels)
+    if criterion is Criterion.MAX_PROB:
+        if speed <= 0.0:
+            return math.inf
+        if speed >= 1.0:
+            return -math.inf
+        return 1.0 - speed * (1.0 - 1.0 / num_labels)
+    if criterion is Criterion.PATIENCE:
+        return float(round((1.0 - speed) * (num_layers - 1)))
+    raise ValueError(f"unknown criterion {criterion!r}")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of softmax(logits), per row. ``(rows, labels) -> (rows,)``."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy divided by log N: 0 = certain, 1 = uniform. ``(rows, labels) -> (rows,)``."""
+    return entropy(logits) / math.log(logits.shape[-1])
+
+
+def max_prob(logits: torch.Tensor) -> torch.Tensor:
+    """Largest class probability per row."""
+    return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+
+
+@dataclass(frozen=True)
+class PatienceState:
+    """Per-row PABEE state: the previous ramp's label and how many consecutive ramps agreed on it."""
+
+    last_label: torch.Tensor  # long, -1 before the first ramp
+    num_agreeing: torch.Tensor  # long, 0 before the first ramp
+
+    @staticmethod
+    def initial(num_rows: int, device: torch.device | str = "cpu") -> PatienceState:
+        return PatienceState(
+            last_label=torch.full((num_rows,), -1, dtype=torch.long, device=device),
+            num_agreeing=torch.zeros(num_rows, dtype=torch.long, device=device),
+        )
+
+    def select(self, rows: torch.Tensor) -> PatienceState:
+        """The state of a subset of rows (``rows`` is an index tensor)."""
+        return PatienceState(self.last_label.index_select(0, rows), self.num_agreeing.index_select(0, rows))
+
+    @staticmethod
+    def concat(states: list[PatienceState]) -> PatienceState:
+        return PatienceState(
+            torch.cat([s.last_label for s in states]), torch.cat([s.num_agreeing for s in states])
+        )
+
+
+def update_patience(state: PatienceState, labels: torch.Tensor) -> PatienceState:
+    """Count one more agreeing ramp where the label repeats, else restart the count at 1."""
+    same = labels == state.last_label
+    return PatienceState(last_label=labels, num_agreeing=torch.where(same, state.num_agreeing + 1, 1))
+
+
+def decide_exits(
+    logits: torch.Tensor,
+    criterion_codes: torch.Tensor,
+    thresholds: torch.Tensor,
+    patience: PatienceState,
+) -> tuple[torch.Tensor, PatienceState]:
+    """Per-row exit decision after one ramp.
+
+    ``criterion_codes`` (long) and ``thresholds`` (float) hold one value per row. Returns a bool tensor
+    (True = this row leaves now) and the updated patience state. No host synchronisation.
+    """
+    labels = logits.argmax(dim=-1)
+    patience = update_patience(patience, labels)
+    thresholds = thresholds.to(torch.float32)
+    ent = entropy(logits)
+    by_code = torch.stack(
+        [
+            ent / math.log(logits.shape[-1]) < thresholds,
+            ent < thresholds,
+            max_prob(logits) >= thresholds,
+            patience.num_agreeing >= thresholds + 1,
+        ]
+    )
+    exits = by_code.gather(0, criterion_codes.view(1, -1)).squeeze(0)
+    return exits, patience

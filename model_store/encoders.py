@@ -1,0 +1,101 @@
+"""Layer-by-layer access to Hugging Face encoders.
+
+An early-exit server must call the embeddings, then one transformer layer at a time, on any subset of
+rows. Each architecture family exposes its layers a little differently (MPNet needs a relative position
+bias passed to every layer; BERT-style layers return a tensor, MPNet layers a tuple). An adapter hides
+that, so the rest of the code sees one signature: ``run_layer(index, hidden, attention_mask) -> hidden``.
+
+The transformers version is pinned in ``pyproject.toml`` because these call signatures change between
+releases; ``tests/model_store/test_parity.py`` proves layer-by-layer == the library's own forward.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+
+from model_store.errors import UnsupportedArchitectureError
+
+# model_type values (config.json) whose layers share BERT's `layer(hidden, mask) -> hidden` signature.
+BERT_STYLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
+MPNET_MODEL_TYPES = frozenset({"mpnet"})
+SUPPORTED_MODEL_TYPES = BERT_STYLE_MODEL_TYPES | MPNET_MODEL_TYPES
+
+
+class EncoderAdapter(ABC):
+    """Uniform per-layer access to one Hugging Face encoder (``BertModel``, ``MPNetModel``, ...)."""
+
+    def __init__(self, encoder: PreTrainedModel) -> None:
+        self.encoder = encoder
+        # Submodule access below is architecture-specific; typed loosely on purpose.
+        self._modules_any: Any = encoder
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    @abstractmethod
+    def layers(self) -> nn.ModuleList: ...
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token embeddings for a padded batch: ``(rows, seq) -> (rows, seq, hidden)``."""
+        del attention_mask  # positions come from input_ids (RoBERTa/MPNet skip pads themselves)
+        embeddings: torch.Tensor = self._modules_any.embeddings(input_ids=input_ids)
+        return embeddings
+
+    def build_attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The one mask builder used everywhere: the library's own, for the configured attention kernel."""
+        mask: Any = create_bidirectional_mask(
+            config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        return mask  # a tensor or None for the eager/sdpa kernels we configure (never a flex BlockMask)
+
+    @abstractmethod
+    def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
+        """Run layer ``index`` (0-based position in the layer list) on ``hidden``."""
+
+
+class BertStyleAdapter(EncoderAdapter):
+    """BERT, MiniLM, RoBERTa and relatives: ``encoder.encoder.layer[i](hidden, mask) -> hidden``."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        layers: nn.ModuleList = self._modules_any.encoder.layer
+        return layers
+
+    def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
+        out = self.layers[index](hidden, layer_mask)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class MPNetAdapter(EncoderAdapter):
+    """MPNet: every layer also takes the relative position bias that ``MPNetEncoder`` computes once."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        layers: nn.ModuleList = self._modules_any.encoder.layer
+        return layers
+
+    def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
+        # The bias depends only on (seq, seq) positions, so it is recomputed for whatever rows remain.
+        position_bias = self._modules_any.encoder.compute_position_bias(hidden)
+        out = self.layers[index](hidden, layer_mask, position_bias)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def adapter_for(encoder: PreTrainedModel) -> EncoderAdapter:
+    """Pick the adapter for ``encoder`` by its ``config.model_type``; unknown types are refused."""
+    model_type = encoder.config.model_type
+    if model_type in BERT_STYLE_MODEL_TYPES:
+        return BertStyleAdapter(encoder)
+    if model_type in MPNET_MODEL_TYPES:
+        return MPNetAdapter(encoder)
+    raise UnsupportedArchitectureError(
+        f"architecture {model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+    )

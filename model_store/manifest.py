@@ -1,0 +1,96 @@
+"""The manifest of a model version: what the server needs to know before it reads any weights."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model_store.criteria import Criterion
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION: Literal[1] = 1
+
+
+class RampSpec(BaseModel):
+    """How the off-ramps are built (see ``early_exit.OffRamp``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["mean_pool_mlp"] = "mean_pool_mlp"
+    hidden_size: int = Field(gt=0)
+
+
+class CalibrationPoint(BaseModel):
+    """Measured behaviour of one (criterion, speed) setting on a held-out split."""
+
+    model_config = ConfigDict(extra="forbid")
+    criterion: Criterion
+    speed: float = Field(ge=0.0, le=1.0)
+    accuracy: float = Field(ge=0.0, le=1.0)
+    mean_exit_layer: float = Field(ge=1.0)
+    layers_saved: float = Field(ge=0.0, le=1.0, description="1 - mean_exit_layer / num_layers")
+    expected_speedup: float = Field(gt=0.0, description="num_layers / mean_exit_layer")
+
+
+class CalibrationTable(BaseModel):
+    """Speed-accuracy sweep measured after training; filled in by the calibration step."""
+
+    model_config = ConfigDict(extra="forbid")
+    split: str
+    num_examples: int = Field(ge=0)
+    full_depth_accuracy: float = Field(ge=0.0, le=1.0)
+    per_layer_accuracy: list[float] = Field(default_factory=list, description="ramp k at index k-1")
+    points: list[CalibrationPoint] = Field(default_factory=list)
+
+
+class Provenance(BaseModel):
+    """Where a model version came from."""
+
+    model_config = ConfigDict(extra="allow")
+    recipe: str | None = None
+    base_model: str | None = None
+    data: str | None = None
+    seed: int | None = None
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+class Manifest(BaseModel):
+    """``manifest.json`` of ``<store>/<model>/<version>/``."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    architecture: str = Field(description="the encoder's config.model_type, e.g. bert, roberta, mpnet")
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    labels: list[str] = Field(min_length=2)
+    max_seq_length: int = Field(gt=0)
+    ramp: RampSpec
+    default_criterion: Criterion = Criterion.NORMALIZED_ENTROPY
+    default_speed: float = Field(default=0.0, ge=0.0, le=1.0)
+    calibration: CalibrationTable | None = None
+    provenance: Provenance = Field(default_factory=Provenance)
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex digest")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: list[str]) -> list[str]:
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be unique")
+        return labels
+
+    def summary(self) -> dict[str, Any]:
+        """A short description for listings."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "architecture": self.architecture,
+            "num_layers": self.num_layers,
+            "labels": self.labels,
+            "recipe": self.provenance.recipe,
+            "created_at": self.provenance.created_at,
+        }

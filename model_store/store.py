@@ -1,0 +1,200 @@
+"""The on-disk model store: ``<store>/<model>/<version>/`` = manifest + safetensors + tokenizer.
+
+Only safetensors are ever read. Every file the manifest lists carries a sha256; a missing, corrupt or
+pickle file is refused with an error naming it, before torch or transformers see it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from model_store.early_exit import EarlyExitClassifier, adapter_for_config_check
+from model_store.errors import (
+    CorruptFileError,
+    MissingFileError,
+    ModelNotFoundError,
+    PickleRefusedError,
+)
+from model_store.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest
+
+# Weight formats that unpickle (and so can run code) on load. Their presence alone refuses a version.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class LoadedModel:
+    """A model version ready to run: manifest, weights on a device, tokenizer."""
+
+    manifest: Manifest
+    model: EarlyExitClassifier
+    tokenizer: PreTrainedTokenizerBase
+    path: Path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    # Numeric versions sort numerically and after any non-numeric ones.
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
+class ModelStore:
+    """A directory of models, each a directory of versions."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def list_models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.list_versions(p.name))
+
+    def list_versions(self, name: str) -> list[str]:
+        model_dir = self.root / name
+        if not _NAME_RE.match(name) or not model_dir.is_dir():
+            return []
+        versions = [p.name for p in model_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).exists()]
+        return sorted(versions, key=_version_key)
+
+    def latest_version(self, name: str) -> str:
+        versions = self.list_versions(name)
+        if not versions:
+            known = ", ".join(self.list_models()) or "none"
+            raise ModelNotFoundError(f"no model {name!r} in store {self.root} (models: {known})")
+        return versions[-1]
+
+    def version_dir(self, name: str, version: str | None = None) -> Path:
+        version = version or self.latest_version(name)
+        path = self.root / name / version
+        if not _NAME_RE.match(name) or not _NAME_RE.match(version) or not path.is_dir():
+            raise ModelNotFoundError(f"no version {version!r} of model {name!r} in store {self.root}")
+        return path
+
+    def next_version(self, name: str) -> str:
+        numeric = [int(v) for v in self.list_versions(name) if v.isdigit()]
+        return str(max(numeric, default=0) + 1)
+
+    def save(
+        self,
+        model: EarlyExitClassifier,
+        tokenizer: PreTrainedTokenizerBase,
+        manifest: Manifest,
+    ) -> Path:
+        """Write a new version; ``manifest.version`` must not exist yet. Returns its directory."""
+        path = self.root / manifest.name / manifest.version
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; versions are immutable")
+        tmp = path.with_name(f".{manifest.version}.partial")
+        tmp.mkdir(parents=True, exist_ok=False)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.encoder.config.to_json_file(str(tmp / CONFIG_FILE))
+        tokenizer.save_pretrained(str(tmp))
+        files = {
+            p.name: sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
+        }
+        final = manifest.model_copy(update={"files": files})
+        (tmp / MANIFEST_FILE).write_text(final.model_dump_json(indent=2) + "\n")
+        tmp.rename(path)  # a version appears whole or not at all
+        return path
+
+    def load(
+        self,
+        name: str,
+        version: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> LoadedModel:
+        return load_version_dir(self.version_dir(name, version), device=device, dtype=dtype)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and validate ``path/manifest.json``."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise MissingFileError(manifest_path, "manifest is missing")
+    try:
+        return Manifest.model_validate_json(manifest_path.read_bytes())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "document"
+        raise CorruptFileError(manifest_path, f"invalid manifest at {where}: {first['msg']}") from None
+
+
+def check_files(path: Path, manifest: Manifest) -> None:
+    """Refuse pickles; every listed file must exist and match its checksum."""
+    for p in sorted(path.iterdir()):
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            raise PickleRefusedError(p, "pickle-based weight files are refused; only safetensors are loaded")
+    for required in (WEIGHTS_FILE, CONFIG_FILE):
+        if required not in manifest.files:
+            raise CorruptFileError(path / MANIFEST_FILE, f"manifest does not list {required}")
+    for file_name, expected in manifest.files.items():
+        file_path = path / file_name
+        if "/" in file_name or file_name.startswith("."):
+            raise CorruptFileError(path / MANIFEST_FILE, f"file name {file_name!r} is not a plain name")
+        if not file_path.is_file():
+            raise MissingFileError(file_path, "listed in the manifest but missing")
+        if sha256_of(file_path) != expected:
+            raise CorruptFileError(file_path, "sha256 does not match the manifest (corrupt or modified)")
+
+
+def load_version_dir(
+    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load one version directory, checking everything before building the model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path} is not a model version directory")
+    manifest = read_manifest(path)
+    check_files(path, manifest)
+
+    config_path = path / CONFIG_FILE
+    try:
+        config_dict = json.loads(config_path.read_text())
+        model_type = config_dict.pop("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+        raise CorruptFileError(config_path, f"not a valid encoder config ({type(e).__name__})") from None
+    try:
+        config = AutoConfig.for_model(model_type, **config_dict)
+    except ValueError as e:
+        raise CorruptFileError(config_path, f"cannot build config: {e}") from None
+    adapter_for_config_check(config)
+
+    weights_path = path / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise CorruptFileError(weights_path, f"not a readable safetensors file: {e}") from None
+    model = EarlyExitClassifier.from_config(config, len(manifest.labels), manifest.ramp.hidden_size)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CorruptFileError(
+            weights_path,
+            f"weights do not fit the manifest's model: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
+        )
+    model.to(device=device, dtype=dtype).eval()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # tokenizers raise many types; all mean the same thing here
+        raise CorruptFileError(path / "tokenizer.json", f"cannot load the tokenizer: {e}") from None
+    return LoadedModel(manifest=manifest, model=model, tokenizer=tokenizer, path=path)
