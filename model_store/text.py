@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +53,35 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_seq_l
 def _tokens_exceed(tokenizer: PreTrainedTokenizerBase, text: str, max_seq_length: int) -> bool:
     ids = tokenizer(text, truncation=True, max_length=max_seq_length + 1)["input_ids"]
     return len(ids) > max_seq_length
+
+
+class RowTokenizer:
+    """Thread-safe tokenization of single texts into unpadded token ids, as the server needs them.
+
+    Hugging Face fast tokenizers keep truncation and padding settings as mutable state on the shared
+    backend, so concurrent calls with different settings race. Every call here uses one fixed setting,
+    under a lock. Overflowing chunks tell whether a text was truncated; the first chunk is exactly what
+    ``encode_texts`` gives for the text, so serving and the reference forward see the same tokens.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: list[str]) -> list[tuple[tuple[int, ...], bool]]:
+        """Token ids (special tokens included) and whether the text was truncated, per text."""
+        cut = [cut_text(t, self.max_seq_length) for t in texts]
+        with self._lock:
+            enc = self.tokenizer(
+                cut, truncation=True, max_length=self.max_seq_length, return_overflowing_tokens=True
+            )
+        chunks: list[list[list[int]]] = [[] for _ in texts]
+        for ids, sample in zip(enc["input_ids"], enc["overflow_to_sample_mapping"], strict=True):
+            chunks[sample].append(ids)
+        out = []
+        for text, short, parts in zip(texts, cut, chunks, strict=True):
+            first = parts[0]
+            truncated = len(parts) > 1 or (len(short) < len(text) and len(first) >= self.max_seq_length)
+            out.append((tuple(first), truncated))
+        return out

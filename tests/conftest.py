@@ -24,7 +24,10 @@ FOLDER_MARKERS = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    folder_markers = set(FOLDER_MARKERS.values())
     for item in items:
+        if any(m.name in folder_markers for m in item.iter_markers()):
+            continue  # a module that sets its own marker (e.g. a model test among unit tests) keeps it
         parts = Path(str(item.fspath)).relative_to(TESTS_DIR).parts
         for part in reversed(parts[:-1]):
             if part in FOLDER_MARKERS:

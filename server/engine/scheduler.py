@@ -1,0 +1,338 @@
+"""The scheduler decides who runs which layer next. Pure Python: no torch, no fastapi, no prometheus_client.
+
+Loop (after vLLM v1): ``schedule() -> StepPlan``, the runner executes it, ``update_from_output(plan,
+output)`` records which rows left. Rows are grouped in *cohorts* by depth (number of layers done). A step
+runs one layer for a set of rows that all sit at the same depth; rows that exit after it finish at once.
+
+Batching modes:
+
+* ``refill`` (layer-level continuous batching): while deeper cohorts are in flight, new rows start at
+  layer 1, and every cohort at the same depth is merged into the step, so steps stay full as rows exit.
+  The depth with the most rows runs next (ties: the deeper), unless some depth has been passed over
+  ``max_skips`` times: then it runs, so no row starves.
+* ``shrink``: a batch is admitted only when nothing is in flight, and runs until its last row exits.
+
+Layers count from 1: a row at depth d has run layers 1..d; its next step runs layer d + 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.errors import QueueFullError
+from server.engine.types import BatchingMode
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One input row as admitted: its tokens and its exit policy (native threshold, see criteria)."""
+
+    row_id: int
+    request_id: int
+    token_ids: tuple[int, ...]
+    criterion_code: int
+    threshold: float
+    max_layers: int  # 1-based cap, already clamped to the model's depth
+    deadline_s: float | None = None  # absolute, same clock as ``now_s``
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One layer step: which rows run layer ``layer`` and where their hidden states come from."""
+
+    step_id: int
+    layer: int
+    out_cohort_id: int  # the cohort the survivors form (at depth ``layer``)
+    new_rows: tuple[RowSpec, ...]  # depth-0 rows to embed first (only when layer == 1)
+    sources: dict[int, tuple[int, ...]]  # cohort id -> row ids taken from it (all at depth layer - 1)
+    dropped: dict[int, tuple[int, ...]] = field(default_factory=dict)  # cohort id -> rows to discard
+
+    @property
+    def row_ids(self) -> list[int]:
+        return [r.row_id for r in self.new_rows] + [r for rows in self.sources.values() for r in rows]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.new_rows) + sum(len(rows) for rows in self.sources.values())
+
+
+@dataclass(frozen=True)
+class RowExit:
+    """A row that left after this step's ramp."""
+
+    row_id: int
+    label_index: int
+    probs: tuple[float, ...]
+    exit_layer: int
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What the runner returns: the rows that exited; every other row of the plan survives in order."""
+
+    exited: tuple[RowExit, ...]
+    survivors: tuple[int, ...]  # row ids now in ``plan.out_cohort_id``
+    num_padded_tokens: int = 0  # rows x padded length of the step (token budget accounting)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The result of one ``schedule`` call."""
+
+    plan: StepPlan | None
+    expired: tuple[RowSpec, ...] = ()  # rows dropped because their deadline passed
+    wake_at_s: float | None = None  # with no plan: when to call again at the latest (max_wait)
+
+
+@dataclass
+class _Cohort:
+    cohort_id: int
+    depth: int
+    row_ids: list[int]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 64
+    max_batch_tokens: int = 16384
+    max_wait_ms: float = 2.0
+    max_queue_size: int = 1024  # rows waiting for admission
+    mode: BatchingMode = BatchingMode.REFILL
+    num_layers: int = 6
+    max_skips: int | None = None  # default: num_layers
+    max_inflight_rows: int | None = None  # rows holding hidden states; default: 4 x max_batch_size
+    queue_full_retry_after_s: float = 1.0
+
+
+class Scheduler:
+    """Owns row state and batching decisions. Not thread-safe: the worker serialises calls."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self._max_skips = config.max_skips if config.max_skips is not None else config.num_layers
+        self._max_inflight_rows = config.max_inflight_rows or 4 * config.max_batch_size
+        self._waiting: deque[RowSpec] = deque()
+        self._arrival_s: dict[int, float] = {}
+        self._rows: dict[int, RowSpec] = {}  # every live row, waiting or in a cohort
+        self._cohorts: dict[int, _Cohort] = {}
+        self._cancelled: set[int] = set()  # row ids to drop at the next step
+        self._skips: dict[int, int] = {}  # depth -> times passed over while it had rows
+        self._ids = itertools.count(1)
+
+    # --- admission and cancellation ---------------------------------------------------------------
+
+    def add_rows(self, rows: list[RowSpec], now_s: float) -> None:
+        """Queue a request's rows, all or none. Raises ``QueueFullError`` beyond ``max_queue_size``."""
+        if len(self._waiting) + len(rows) > self.config.max_queue_size:
+            raise QueueFullError(
+                f"queue full ({len(self._waiting)} rows waiting, limit {self.config.max_queue_size})",
+                retry_after_s=self.config.queue_full_retry_after_s,
+            )
+        for row in rows:
+            self._waiting.append(row)
+            self._rows[row.row_id] = row
+            self._arrival_s[row.row_id] = now_s
+
+    def cancel_request(self, request_id: int) -> int:
+        """Drop every row of a request: waiting rows now, in-flight rows before the next compute."""
+        num_dropped = 0
+        for row in [r for r in self._waiting if r.request_id == request_id]:
+            self._waiting.remove(row)
+            self._forget(row.row_id)
+            num_dropped += 1
+        for row_id, row in self._rows.items():
+            if row.request_id == request_id:
+                self._cancelled.add(row_id)
+                num_dropped += 1
+        return num_dropped
+
+    def next_id(self) -> int:
+        """A fresh id for rows, requests, cohorts and steps."""
+        return next(self._ids)
+
+    # --- introspection ----------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_inflight_rows(self) -> int:
+        return sum(len(c.row_ids) for c in self._cohorts.values())
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._cohorts)
+
+    def cohort_depths(self) -> dict[int, int]:
+        """Depth -> number of rows in flight at that depth (tests, metrics)."""
+        depths: dict[int, int] = {}
+        for c in self._cohorts.values():
+            depths[c.depth] = depths.get(c.depth, 0) + len(c.row_ids)
+        return depths
+
+    # --- the decision -----------------------------------------------------------------------------
+
+    def schedule(self, now_s: float) -> Decision:
+        """Pick the next layer step, or say when to look again."""
+        expired = self._drop_expired(now_s)
+        dropped = self._take_cancelled()
+        groups = self._groups()
+        if not groups:
+            if dropped:  # nothing left to run, but the runner must still forget the dropped rows
+                for cohort_id in dropped:
+                    self._cohorts.pop(cohort_id, None)
+                return Decision(plan=self._drop_only_plan(dropped), expired=expired)
+            return Decision(plan=None, expired=expired)
+        depth = self._pick_depth(groups)
+        if depth == 0 and not self._cohorts:
+            wake_at_s = self._admission_wait_until(now_s)
+            if wake_at_s is not None and not dropped:
+                return Decision(plan=None, expired=expired, wake_at_s=wake_at_s)
+        plan = self._plan_depth(depth, dropped)
+        for other in groups:
+            self._skips[other] = 0 if other == depth else self._skips.get(other, 0) + 1
+        return Decision(plan=plan, expired=expired)
+
+    def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[tuple[RowSpec, RowExit]]:
+        """Record a step's result; returns the rows that finished, with their exits."""
+        finished = []
+        for row_exit in output.exited:
+            row = self._rows.get(row_exit.row_id)
+            if row is None:
+                continue
+            finished.append((row, row_exit))
+            self._forget(row_exit.row_id)
+        survivors = [r for r in output.survivors if r in self._rows]
+        if survivors:
+            self._cohorts[plan.out_cohort_id] = _Cohort(plan.out_cohort_id, plan.layer, survivors)
+        return finished
+
+    def fail_step(self, plan: StepPlan) -> set[int]:
+        """The runner raised on ``plan``: forget its rows; returns the request ids that must fail."""
+        failed = {self._rows[r].request_id for r in plan.row_ids if r in self._rows}
+        for row_id in plan.row_ids:
+            self._forget(row_id)
+        for request_id in failed:
+            self.cancel_request(request_id)
+        return failed
+
+    def reset(self) -> set[int]:
+        """Forget everything (engine restart); returns the request ids that were live."""
+        request_ids = {r.request_id for r in self._rows.values()}
+        self._waiting.clear()
+        self._rows.clear()
+        self._arrival_s.clear()
+        self._cohorts.clear()
+        self._cancelled.clear()
+        self._skips.clear()
+        return request_ids
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _forget(self, row_id: int) -> None:
+        self._rows.pop(row_id, None)
+        self._arrival_s.pop(row_id, None)
+        self._cancelled.discard(row_id)
+
+    def _drop_expired(self, now_s: float) -> tuple[RowSpec, ...]:
+        expired = [r for r in self._rows.values() if r.deadline_s is not None and r.deadline_s <= now_s]
+        for row in expired:
+            if row in self._waiting:
+                self._waiting.remove(row)
+                self._forget(row.row_id)
+            else:
+                self._cancelled.add(row.row_id)
+        return tuple(expired)
+
+    def _take_cancelled(self) -> dict[int, tuple[int, ...]]:
+        """Remove cancelled rows from their cohorts; returns cohort id -> removed row ids."""
+        dropped: dict[int, tuple[int, ...]] = {}
+        if not self._cancelled:
+            return dropped
+        for cohort in list(self._cohorts.values()):
+            gone = tuple(r for r in cohort.row_ids if r in self._cancelled)
+            if gone:
+                dropped[cohort.cohort_id] = gone
+                cohort.row_ids = [r for r in cohort.row_ids if r not in self._cancelled]
+                if not cohort.row_ids:
+                    del self._cohorts[cohort.cohort_id]
+        for row_id in list(self._cancelled):
+            self._forget(row_id)
+        return dropped
+
+    def _groups(self) -> dict[int, int]:
+        """Depth -> rows runnable at that depth (0 = waiting rows that may be admitted now)."""
+        groups = self.cohort_depths()
+        room = self._admission_room()
+        if self._waiting and room > 0:
+            groups[0] = min(len(self._waiting), room)
+        return groups
+
+    def _admission_room(self) -> int:
+        """How many waiting rows may start now."""
+        if self.config.mode is BatchingMode.SHRINK:
+            return self.config.max_batch_size if not self._cohorts else 0
+        return max(0, self._max_inflight_rows - self.num_inflight_rows)
+
+    def _pick_depth(self, groups: dict[int, int]) -> int:
+        starving = [d for d in groups if self._skips.get(d, 0) >= self._max_skips]
+        if starving:
+            return max(starving, key=lambda d: (self._skips.get(d, 0), d))
+        return max(groups, key=lambda d: (min(groups[d], self.config.max_batch_size), d))
+
+    def _admission_wait_until(self, now_s: float) -> float | None:
+        """With an idle engine, a small batch waits up to max_wait_ms for company."""
+        if len(self._waiting) >= self.config.max_batch_size:
+            return None
+        oldest_s = self._arrival_s[self._waiting[0].row_id]
+        deadline_s = oldest_s + self.config.max_wait_ms / 1000.0
+        return deadline_s if deadline_s > now_s else None
+
+    def _fits(self, num_rows: int, longest: int) -> bool:
+        return num_rows <= self.config.max_batch_size and num_rows * longest <= self.config.max_batch_tokens
+
+    def _plan_depth(self, depth: int, dropped: dict[int, tuple[int, ...]]) -> StepPlan:
+        out_cohort_id = self.next_id()
+        if depth == 0:
+            new_rows: list[RowSpec] = []
+            longest = 0
+            room = self._admission_room()
+            while self._waiting and len(new_rows) < room:
+                candidate = self._waiting[0]
+                grown = max(longest, candidate.num_tokens)
+                if new_rows and not self._fits(len(new_rows) + 1, grown):
+                    break
+                new_rows.append(self._waiting.popleft())
+                longest = grown
+            return StepPlan(self.next_id(), 1, out_cohort_id, tuple(new_rows), {}, dropped)
+
+        sources: dict[int, tuple[int, ...]] = {}
+        num_rows, longest = 0, 0
+        # Oldest cohorts first, so a cohort split by the batch caps keeps its older rows moving.
+        for cohort in sorted(self._cohorts.values(), key=lambda c: c.cohort_id):
+            if cohort.depth != depth:
+                continue
+            taken: list[int] = []
+            for row_id in cohort.row_ids:
+                grown = max(longest, self._rows[row_id].num_tokens)
+                if num_rows and not self._fits(num_rows + 1, grown):
+                    break
+                taken.append(row_id)
+                num_rows, longest = num_rows + 1, grown
+            if taken:
+                sources[cohort.cohort_id] = tuple(taken)
+                cohort.row_ids = cohort.row_ids[len(taken) :]
+                if not cohort.row_ids:
+                    del self._cohorts[cohort.cohort_id]
+            if cohort.row_ids:
+                break  # the caps stopped us inside this cohort
+        return StepPlan(self.next_id(), depth + 1, out_cohort_id, (), sources, dropped)
+
+    def _drop_only_plan(self, dropped: dict[int, tuple[int, ...]]) -> StepPlan:
+        return StepPlan(self.next_id(), 0, self.next_id(), (), {}, dropped)

@@ -1,0 +1,129 @@
+"""Plain data crossing the engine's boundaries: API <-> engine, and engine -> metrics observer.
+
+Nothing here imports torch, fastapi or prometheus_client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from model_store.policy import Criterion
+
+
+class BatchingMode(StrEnum):
+    """How the engine keeps batches full as rows exit."""
+
+    REFILL = "refill"  # layer-level continuous batching: new rows start at layer 1, same-depth cohorts merge
+    SHRINK = "shrink"  # a batch runs until its last row exits; the next batch waits
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of the engine (built from the server settings)."""
+
+    max_batch_size: int = 64  # rows per layer step
+    max_batch_tokens: int = 16384  # sum of padded lengths per layer step
+    max_wait_ms: float = 2.0  # how long a lone request waits for company before its batch starts
+    max_queue_size: int = 1024  # rows waiting for admission; beyond it: QueueFullError
+    max_inputs_per_request: int = 256
+    mode: BatchingMode = BatchingMode.REFILL
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (half precisions on CUDA only)
+    strict_length: bool = False  # True: inputs longer than max_seq_length are refused (413), else truncated
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """What one request asks for; applies to each of its inputs."""
+
+    criterion: Criterion
+    speed: float
+    max_layers: int | None = None  # 1-based cap; None = all layers
+    deadline_s: float | None = None  # absolute time.monotonic() deadline
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """The answer for one input."""
+
+    label: str
+    label_index: int
+    score: float  # probability of ``label``
+    probs: list[float]
+    exit_layer: int  # 1-based ramp that answered
+    num_layers_run: int
+    truncated: bool  # input was cut to the model's max_seq_length
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """The answer for one request, with the timings that go back in response headers."""
+
+    rows: list[RowOutcome]
+    model: str
+    version: str
+    criterion: Criterion
+    speed: float
+    queue_time_s: float  # admission -> first layer computed for the request's first row
+    inference_time_s: float  # first layer -> last row answered
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API tells about the served model (``GET /v1/models``)."""
+
+    name: str
+    version: str
+    architecture: str
+    num_layers: int
+    labels: list[str]
+    max_seq_length: int
+    default_criterion: Criterion
+    default_speed: float
+    calibration: dict[str, object] | None = None  # the manifest's calibration table as JSON
+    provenance: dict[str, object] = field(default_factory=dict)
+
+
+class EngineObserver(Protocol):
+    """What the engine reports; server/metrics.py implements it with prometheus_client."""
+
+    def queue_depth(self, num_rows: int) -> None: ...
+
+    def inflight(self, num_requests: int, num_rows: int) -> None: ...
+
+    def queue_wait(self, wait_s: float) -> None: ...
+
+    def layer_step(self, layer: int, num_rows: int, num_tokens: int) -> None: ...
+
+    def row_exited(self, exit_layer: int, num_layers: int) -> None: ...
+
+    def batch_failed(self, num_requests: int) -> None: ...
+
+    def engine_restarted(self) -> None: ...
+
+
+class NullObserver:
+    """An observer that records nothing (tests, tools)."""
+
+    def queue_depth(self, num_rows: int) -> None:
+        pass
+
+    def inflight(self, num_requests: int, num_rows: int) -> None:
+        pass
+
+    def queue_wait(self, wait_s: float) -> None:
+        pass
+
+    def layer_step(self, layer: int, num_rows: int, num_tokens: int) -> None:
+        pass
+
+    def row_exited(self, exit_layer: int, num_layers: int) -> None:
+        pass
+
+    def batch_failed(self, num_requests: int) -> None:
+        pass
+
+    def engine_restarted(self) -> None:
+        pass

