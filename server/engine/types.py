@@ -32,6 +32,8 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"  # float32 | float16 | bfloat16 (half precisions on CUDA only)
     strict_length: bool = False  # True: inputs longer than max_seq_length are refused (413), else truncated
+    step_timeout_s: float = 30.0  # a layer step running longer than this means the engine hung
+    watchdog_interval_s: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ DISCONNECT_POLL_S = 0.05
 class EngineState(StrEnum):
     STOPPED = "stopped"
     RUNNING = "running"
+    RESTARTING = "restarting"  # the watchdog found the worker hung or dead and is replacing it
     DRAINING = "draining"
 
 
@@ -99,6 +100,12 @@ class Engine:
         self._row_owner: dict[int, tuple[int, int]] = {}  # row id -> (request id, input index)
         self._state = EngineState.STOPPED
         self._thread: threading.Thread | None = None
+        # A hung thread cannot be killed: a restart bumps the generation and the old thread, should it
+        # ever come back, sees that it is stale and leaves without touching anything.
+        self._generation = 0
+        self._busy_since_s: float | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.num_restarts = 0
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -108,8 +115,44 @@ class Engine:
             if self._state is not EngineState.STOPPED:
                 return
             self._state = EngineState.RUNNING
-        self._thread = threading.Thread(target=self._run, name="exitserve-engine", daemon=True)
+            self._start_thread()
+        self._watchdog = asyncio.create_task(self._watch(), name="exitserve-watchdog")
+
+    def _start_thread(self) -> None:
+        self._busy_since_s = None
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(self._generation,), name="exitserve-engine", daemon=True
+        )
         self._thread.start()
+
+    async def _watch(self) -> None:
+        """Restart the worker when it died or one step ran longer than ``step_timeout_s``."""
+        while self._state is not EngineState.STOPPED:
+            await asyncio.sleep(self.config.watchdog_interval_s)
+            thread, busy_since_s = self._thread, self._busy_since_s
+            if self._state not in (EngineState.RUNNING, EngineState.DRAINING) or thread is None:
+                continue
+            if not thread.is_alive():
+                self._restart("the engine thread died")
+            elif busy_since_s is not None and self._clock() - busy_since_s > self.config.step_timeout_s:
+                self._restart(f"a step ran longer than {self.config.step_timeout_s:.1f} s")
+
+    def _restart(self, reason: str) -> None:
+        logger.error("engine watchdog: %s; failing in-flight requests and restarting the worker", reason)
+        with self._lock:
+            was_draining = self._state is EngineState.DRAINING
+            self._state = EngineState.RESTARTING
+            self._generation += 1
+            self._scheduler.reset()
+            self._runner = Runner(self._loaded.model, device=self.config.device, dtype=self.config.dtype)
+            victims = list(self._requests.values())
+        for request in victims:
+            self._fail(request, NotReadyError("engine restarting after a fault; retry"))
+        self.num_restarts += 1
+        self._observer.engine_restarted()
+        with self._lock:
+            self._state = EngineState.DRAINING if was_draining else EngineState.RUNNING
+            self._start_thread()
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, let in-flight ones finish (up to ``drain_timeout_s``), stop the thread."""
@@ -125,6 +168,8 @@ class Engine:
             self._state = EngineState.STOPPED
             leftover = list(self._requests.values())
             self._wakeup.notify_all()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for request in leftover:
             self._fail(request, NotReadyError("server shutting down"))
         if self._thread is not None:
@@ -243,27 +288,43 @@ class Engine:
 
     # --- the worker thread ------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _thread_main(self, generation: int) -> None:
+        try:
+            self._run(generation)
+        except Exception:
+            logger.exception("engine thread crashed; the watchdog will restart it")
+
+    def _run(self, generation: int) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._lock:
-                decision = self._next_decision()
+                decision = self._next_decision(generation)
                 if decision is None:
                     return
                 plan = decision.plan
                 if plan is not None:
                     self._mark_started(plan)
+                    self._busy_since_s = self._clock()
+                runner = self._runner
             self._expire(decision)
             if plan is None:
                 continue
             try:
-                output = self._runner.execute(plan)
+                output = runner.execute(plan)
             except Exception:
                 logger.exception(
                     "step %d (layer %d, %d rows) failed", plan.step_id, plan.layer, plan.num_rows
                 )
+                with self._lock:
+                    if generation != self._generation:
+                        return
+                    self._busy_since_s = None
                 self._fail_step(plan)
                 continue
+            with self._lock:
+                if generation != self._generation:
+                    return  # the watchdog replaced this thread while it was computing
+                self._busy_since_s = None
             if plan.layer > 0:
                 self._observer.layer_step(plan.layer, plan.num_rows, output.num_padded_tokens)
             with self._lock:
@@ -271,10 +332,10 @@ class Engine:
                 self._report_depths()
                 self._finish_rows(finished)
 
-    def _next_decision(self) -> Decision | None:
-        """Under the lock: wait for work; None when the engine stopped."""
+    def _next_decision(self, generation: int) -> Decision | None:
+        """Under the lock: wait for work; None when the engine stopped or this thread was replaced."""
         while True:
-            if self._state is EngineState.STOPPED:
+            if self._state is EngineState.STOPPED or generation != self._generation:
                 return None
             if self._scheduler.has_work():
                 decision = self._scheduler.schedule(self._clock())

@@ -156,7 +156,7 @@ def test_deadline_drops_waiting_and_inflight_rows() -> None:
     scheduler.update_from_output(decision.plan, runner.execute(decision.plan))
     assert scheduler.cohort_depths() == {2: 2}
     # A waiting row past its deadline never reaches the runner.
-    c, c_rows = add_request(scheduler, 1, now_s=2.0, deadline_s=2.1)
+    _, c_rows = add_request(scheduler, 1, now_s=2.0, deadline_s=2.1)
     decision = scheduler.schedule(3.0)
     assert [r.row_id for r in decision.expired] == c_rows
     assert decision.plan is not None and c_rows[0] not in decision.plan.row_ids

