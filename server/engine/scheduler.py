@@ -12,6 +12,11 @@ Batching modes:
   ``max_skips`` times: then it runs, so no row starves.
 * ``shrink``: a batch is admitted only when nothing is in flight, and runs until its last row exits.
 
+Shadow rows (the live accuracy guard re-runs a sample of early exits to full depth) are lowest priority:
+they never share a step with real rows, run only when no real row is runnable, are capped in number,
+and waiting shadow rows are dropped first as soon as real rows queue up. A real request arriving while
+a shadow step computes waits for at most that one small step (``max_shadow_batch_size`` rows, one layer).
+
 Layers count from 1: a row at depth d has run layers 1..d; its next step runs layer d + 1.
 """
 
@@ -36,6 +41,7 @@ class RowSpec:
     threshold: float
     max_layers: int  # 1-based cap, already clamped to the model's depth
     deadline_s: float | None = None  # absolute, same clock as ``now_s``
+    shadow: bool = False  # accuracy-guard re-run, not a client's row
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +58,7 @@ class StepPlan:
     new_rows: tuple[RowSpec, ...]  # depth-0 rows to embed first (only when layer == 1)
     sources: dict[int, tuple[int, ...]]  # cohort id -> row ids taken from it (all at depth layer - 1)
     dropped: dict[int, tuple[int, ...]] = field(default_factory=dict)  # cohort id -> rows to discard
+    shadow: bool = False  # a step of shadow rows only
 
     @property
     def row_ids(self) -> list[int]:
@@ -95,6 +102,7 @@ class _Cohort:
     cohort_id: int
     depth: int
     row_ids: list[int]
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,8 @@ class SchedulerConfig:
     max_skips: int | None = None  # default: num_layers
     max_inflight_rows: int | None = None  # rows holding hidden states; default: 4 x max_batch_size
     queue_full_retry_after_s: float = 1.0
+    max_shadow_rows: int = 64  # shadow rows waiting or in flight
+    max_shadow_batch_size: int = 8
 
 
 class Scheduler:
@@ -118,6 +128,8 @@ class Scheduler:
         self._max_skips = config.max_skips if config.max_skips is not None else config.num_layers
         self._max_inflight_rows = config.max_inflight_rows or 4 * config.max_batch_size
         self._waiting: deque[RowSpec] = deque()
+        self._shadow_waiting: deque[RowSpec] = deque()
+        self.num_shadow_dropped = 0
         self._arrival_s: dict[int, float] = {}
         self._rows: dict[int, RowSpec] = {}  # every live row, waiting or in a cohort
         self._cohorts: dict[int, _Cohort] = {}
@@ -138,6 +150,18 @@ class Scheduler:
             self._waiting.append(row)
             self._rows[row.row_id] = row
             self._arrival_s[row.row_id] = now_s
+
+    def add_shadow_row(self, row: RowSpec) -> bool:
+        """Queue a shadow row; False (and counted as dropped) when the shadow cap is reached."""
+        num_shadow = len(self._shadow_waiting) + sum(
+            len(c.row_ids) for c in self._cohorts.values() if c.shadow
+        )
+        if num_shadow >= self.config.max_shadow_rows:
+            self.num_shadow_dropped += 1
+            return False
+        self._shadow_waiting.append(row)
+        self._rows[row.row_id] = row
+        return True
 
     def cancel_request(self, request_id: int) -> int:
         """Drop every row of a request: waiting rows now, in-flight rows before the next compute."""
@@ -164,16 +188,22 @@ class Scheduler:
 
     @property
     def num_inflight_rows(self) -> int:
-        return sum(len(c.row_ids) for c in self._cohorts.values())
+        """Real (non-shadow) rows holding hidden states."""
+        return sum(len(c.row_ids) for c in self._cohorts.values() if not c.shadow)
+
+    @property
+    def num_shadow_rows(self) -> int:
+        return len(self._shadow_waiting) + sum(len(c.row_ids) for c in self._cohorts.values() if c.shadow)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._cohorts)
+        return bool(self._waiting or self._shadow_waiting or self._cohorts)
 
-    def cohort_depths(self) -> dict[int, int]:
-        """Depth -> number of rows in flight at that depth (tests, metrics)."""
+    def cohort_depths(self, shadow: bool = False) -> dict[int, int]:
+        """Depth -> number of rows in flight at that depth (real rows, or shadow rows)."""
         depths: dict[int, int] = {}
         for c in self._cohorts.values():
-            depths[c.depth] = depths.get(c.depth, 0) + len(c.row_ids)
+            if c.shadow == shadow:
+                depths[c.depth] = depths.get(c.depth, 0) + len(c.row_ids)
         return depths
 
     # --- the decision -----------------------------------------------------------------------------
@@ -182,15 +212,24 @@ class Scheduler:
         """Pick the next layer step, or say when to look again."""
         expired = self._drop_expired(now_s)
         dropped = self._take_cancelled()
+        if self._waiting and self._shadow_waiting:  # under load, shadow work goes first
+            self.num_shadow_dropped += len(self._shadow_waiting)
+            for row in self._shadow_waiting:
+                self._forget(row.row_id)
+            self._shadow_waiting.clear()
         groups = self._groups()
         if not groups:
+            shadow_groups = self._shadow_groups()
+            if shadow_groups:
+                depth = max(shadow_groups, key=lambda d: (shadow_groups[d], d))
+                return Decision(plan=self._plan_shadow(depth, dropped), expired=expired)
             if dropped:  # nothing left to run, but the runner must still forget the dropped rows
                 for cohort_id in dropped:
                     self._cohorts.pop(cohort_id, None)
                 return Decision(plan=self._drop_only_plan(dropped), expired=expired)
             return Decision(plan=None, expired=expired)
         depth = self._pick_depth(groups)
-        if depth == 0 and not self._cohorts:
+        if depth == 0 and self.num_inflight_rows == 0:
             wake_at_s = self._admission_wait_until(now_s)
             if wake_at_s is not None and not dropped:
                 return Decision(plan=None, expired=expired, wake_at_s=wake_at_s)
@@ -210,7 +249,9 @@ class Scheduler:
             self._forget(row_exit.row_id)
         survivors = [r for r in output.survivors if r in self._rows]
         if survivors:
-            self._cohorts[plan.out_cohort_id] = _Cohort(plan.out_cohort_id, plan.layer, survivors)
+            self._cohorts[plan.out_cohort_id] = _Cohort(
+                plan.out_cohort_id, plan.layer, survivors, plan.shadow
+            )
         return finished
 
     def fail_step(self, plan: StepPlan) -> set[int]:
@@ -226,6 +267,7 @@ class Scheduler:
         """Forget everything (engine restart); returns the request ids that were live."""
         request_ids = {r.request_id for r in self._rows.values()}
         self._waiting.clear()
+        self._shadow_waiting.clear()
         self._rows.clear()
         self._arrival_s.clear()
         self._cohorts.clear()
@@ -277,8 +319,33 @@ class Scheduler:
     def _admission_room(self) -> int:
         """How many waiting rows may start now."""
         if self.config.mode is BatchingMode.SHRINK:
-            return self.config.max_batch_size if not self._cohorts else 0
+            return self.config.max_batch_size if self.num_inflight_rows == 0 else 0
         return max(0, self._max_inflight_rows - self.num_inflight_rows)
+
+    def _shadow_groups(self) -> dict[int, int]:
+        groups = self.cohort_depths(shadow=True)
+        if self._shadow_waiting:
+            groups[0] = len(self._shadow_waiting)
+        return groups
+
+    def _plan_shadow(self, depth: int, dropped: dict[int, tuple[int, ...]]) -> StepPlan:
+        """A small step of shadow rows only."""
+        limit = self.config.max_shadow_batch_size
+        if depth == 0:
+            rows = tuple(self._shadow_waiting.popleft() for _ in range(min(limit, len(self._shadow_waiting))))
+            return StepPlan(self.next_id(), 1, self.next_id(), rows, {}, dropped, shadow=True)
+        sources: dict[int, tuple[int, ...]] = {}
+        num_rows = 0
+        for cohort in sorted(self._cohorts.values(), key=lambda c: c.cohort_id):
+            if not cohort.shadow or cohort.depth != depth or num_rows >= limit:
+                continue
+            taken = tuple(cohort.row_ids[: limit - num_rows])
+            sources[cohort.cohort_id] = taken
+            num_rows += len(taken)
+            cohort.row_ids = cohort.row_ids[len(taken) :]
+            if not cohort.row_ids:
+                del self._cohorts[cohort.cohort_id]
+        return StepPlan(self.next_id(), depth + 1, self.next_id(), (), sources, dropped, shadow=True)
 
     def _pick_depth(self, groups: dict[int, int]) -> int:
         starving = [d for d in groups if self._skips.get(d, 0) >= self._max_skips]
@@ -316,7 +383,7 @@ class Scheduler:
         num_rows, longest = 0, 0
         # Oldest cohorts first, so a cohort split by the batch caps keeps its older rows moving.
         for cohort in sorted(self._cohorts.values(), key=lambda c: c.cohort_id):
-            if cohort.depth != depth:
+            if cohort.depth != depth or cohort.shadow:
                 continue
             taken: list[int] = []
             for row_id in cohort.row_ids:

@@ -34,6 +34,11 @@ class EngineConfig:
     strict_length: bool = False  # True: inputs longer than max_seq_length are refused (413), else truncated
     step_timeout_s: float = 30.0  # a layer step running longer than this means the engine hung
     watchdog_interval_s: float = 0.5
+    guard_sample_fraction: float = 0.01  # share of early exits also run to full depth (spare capacity only)
+    max_shadow_rows: int = 64
+    auto_adjust: bool = False  # move the default speed to keep live agreement at its target
+    auto_adjust_target_agreement: float | None = None  # default: calibrated agreement at the default speed
+    auto_adjust_window: int = 50  # shadow samples per decision
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class ClassifyOptions:
     speed: float
     max_layers: int | None = None  # 1-based cap; None = all layers
     deadline_s: float | None = None  # absolute time.monotonic() deadline
+    speed_is_default: bool = False  # the request did not set a speed (auto-adjust only learns from these)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class ModelInfo:
     default_speed: float
     calibration: dict[str, object] | None = None  # the manifest's calibration table as JSON
     provenance: dict[str, object] = field(default_factory=dict)
+    live_guard: dict[str, object] | None = None  # live agreement per speed bucket, auto-adjust state
 
 
 class EngineObserver(Protocol):
@@ -104,6 +111,12 @@ class EngineObserver(Protocol):
     def batch_failed(self, num_requests: int) -> None: ...
 
     def engine_restarted(self) -> None: ...
+
+    def guard_result(self, bucket: str, agreed: bool) -> None: ...
+
+    def guard_dropped(self, num_rows: int) -> None: ...
+
+    def default_speed_changed(self, speed: float) -> None: ...
 
 
 class NullObserver:
@@ -128,4 +141,13 @@ class NullObserver:
         pass
 
     def engine_restarted(self) -> None:
+        pass
+
+    def guard_result(self, bucket: str, agreed: bool) -> None:
+        pass
+
+    def guard_dropped(self, num_rows: int) -> None:
+        pass
+
+    def default_speed_changed(self, speed: float) -> None:
         pass

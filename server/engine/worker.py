@@ -18,7 +18,7 @@ from enum import StrEnum
 
 import torch
 
-from model_store.criteria import CRITERION_CODES, threshold_for
+from model_store.criteria import CRITERION_CODES, Criterion, threshold_for
 from model_store.store import LoadedModel
 from model_store.text import RowTokenizer
 from server.engine.errors import (
@@ -30,6 +30,7 @@ from server.engine.errors import (
     PayloadTooLargeError,
     RequestCancelledError,
 )
+from server.engine.guard import AccuracyGuard, AutoAdjuster, speed_bucket
 from server.engine.runner import Runner
 from server.engine.scheduler import Decision, RowExit, RowSpec, Scheduler, SchedulerConfig, StepPlan
 from server.engine.types import (
@@ -92,8 +93,19 @@ class Engine:
                 max_queue_size=config.max_queue_size,
                 mode=config.mode,
                 num_layers=self._manifest.num_layers,
+                max_shadow_rows=config.max_shadow_rows,
             )
         )
+        expected = expected_agreement(loaded)
+        self.guard = AccuracyGuard(config.guard_sample_fraction, expected)
+        self.adjuster: AutoAdjuster | None = None
+        if config.auto_adjust:
+            default_bucket = speed_bucket(self._manifest.default_speed)
+            target = config.auto_adjust_target_agreement or expected.get(default_bucket, 0.99)
+            self.adjuster = AutoAdjuster(
+                self._manifest.default_speed, target_agreement=target, window=config.auto_adjust_window
+            )
+        self._shadow_of: dict[int, tuple[int, float, bool]] = {}  # row -> (early label, speed, was default)
         self._lock = threading.RLock()  # guards the scheduler and the request tables, from both threads
         self._wakeup = threading.Condition(self._lock)
         self._requests: dict[int, _Request] = {}
@@ -144,6 +156,7 @@ class Engine:
             self._state = EngineState.RESTARTING
             self._generation += 1
             self._scheduler.reset()
+            self._shadow_of.clear()
             self._runner = Runner(self._loaded.model, device=self.config.device, dtype=self.config.dtype)
             victims = list(self._requests.values())
         for request in victims:
@@ -175,6 +188,11 @@ class Engine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
 
+    @property
+    def default_speed(self) -> float:
+        """The speed for requests that set none: the calibrated default, or where auto-adjust moved it."""
+        return self.adjuster.speed if self.adjuster is not None else self._manifest.default_speed
+
     def is_ready(self) -> bool:
         return self._state is EngineState.RUNNING and self._thread is not None and self._thread.is_alive()
 
@@ -189,10 +207,28 @@ class Engine:
             labels=list(m.labels),
             max_seq_length=m.max_seq_length,
             default_criterion=m.default_criterion,
-            default_speed=m.default_speed,
+            default_speed=self.default_speed,
             calibration=m.calibration.model_dump(mode="json") if m.calibration else None,
             provenance=m.provenance.model_dump(mode="json"),
+            live_guard=self._live_guard(),
         )
+
+    def _live_guard(self) -> dict[str, object]:
+        adjuster = self.adjuster
+        return {
+            "sample_fraction": self.guard.sample_fraction,
+            "num_dropped": self._scheduler.num_shadow_dropped,
+            "buckets": self.guard.live_curve(),
+            "auto_adjust": None
+            if adjuster is None
+            else {
+                "enabled": True,
+                "target_agreement": adjuster.target_agreement,
+                "calibrated_default_speed": adjuster.max_speed,
+                "current_default_speed": adjuster.speed,
+                "changes": [vars(c) for c in adjuster.changes],
+            },
+        }
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -375,6 +411,9 @@ class Engine:
         labels = self._manifest.labels
         num_layers = self._manifest.num_layers
         for row, row_exit in finished:
+            if row.shadow:
+                self._record_shadow(row, row_exit)
+                continue
             owner = self._row_owner.pop(row.row_id, None)
             request = self._requests.get(row.request_id)
             self._observer.row_exited(row_exit.exit_layer, num_layers)
@@ -390,8 +429,38 @@ class Engine:
                 num_layers_run=row_exit.exit_layer,
                 truncated=request.truncated[index],
             )
+            if self.guard.should_sample(row_exit.exit_layer, num_layers):
+                self._add_shadow(row, row_exit, request.options)
             if len(request.outcomes) == len(request.row_ids):
                 self._complete(request)
+
+    def _add_shadow(self, row: RowSpec, row_exit: RowExit, options: ClassifyOptions) -> None:
+        """Queue a full-depth re-run of an early exit; the scheduler runs it only in spare capacity."""
+        shadow = RowSpec(
+            row_id=self._scheduler.next_id(),
+            request_id=0,
+            token_ids=row.token_ids,
+            criterion_code=CRITERION_CODES[Criterion.NORMALIZED_ENTROPY],
+            threshold=0.0,  # never exits early
+            max_layers=self._manifest.num_layers,
+            shadow=True,
+        )
+        if self._scheduler.add_shadow_row(shadow):
+            self._shadow_of[shadow.row_id] = (row_exit.label_index, options.speed, options.speed_is_default)
+        else:
+            self._observer.guard_dropped(1)
+
+    def _record_shadow(self, row: RowSpec, row_exit: RowExit) -> None:
+        meta = self._shadow_of.pop(row.row_id, None)
+        if meta is None:
+            return
+        early_label, speed, was_default = meta
+        agreed = early_label == row_exit.label_index
+        self._observer.guard_result(self.guard.record(speed, early_label, row_exit.label_index), agreed)
+        if self.adjuster is not None and was_default:
+            change = self.adjuster.observe(speed, agreed)
+            if change is not None:
+                self._observer.default_speed_changed(change.new_speed)
 
     def _complete(self, request: _Request) -> None:
         now_s = self._clock()
@@ -431,3 +500,16 @@ def _set_result(future: asyncio.Future[ClassifyResult], result: ClassifyResult) 
 def _set_exception(future: asyncio.Future[ClassifyResult], error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def expected_agreement(loaded: LoadedModel) -> dict[str, float]:
+    """Calibrated agreement of early exits with full depth, per speed bucket, for the default criterion."""
+    calibration = loaded.manifest.calibration
+    if calibration is None:
+        return {}
+    expected: dict[str, float] = {}
+    for point in calibration.points:
+        agreement = getattr(point, "early_exit_agreement", None)
+        if point.criterion == loaded.manifest.default_criterion and agreement is not None:
+            expected.setdefault(speed_bucket(point.speed), float(agreement))
+    return expected
