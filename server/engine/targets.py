@@ -1,0 +1,89 @@
+"""Per-request accuracy targets, turned into a (criterion, speed) through the calibration table.
+
+Conservative by construction: only calibrated points are ever chosen, and never one whose calibrated
+accuracy drop exceeds the target. Pure Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model_store.manifest import CalibrationPoint, CalibrationTable
+from model_store.policy import Criterion
+from server.engine.errors import InvalidRequestError
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """The setting chosen for a target, with what calibration promises for it."""
+
+    criterion: Criterion
+    speed: float
+    calibrated_accuracy: float
+    calibrated_drop_pts: float
+    calibrated_mean_exit_layer: float
+
+
+def drop_pts(table: CalibrationTable, point: CalibrationPoint) -> float:
+    """Accuracy drop of ``point`` below full depth, in percentage points."""
+    return (table.full_depth_accuracy - point.accuracy) * 100.0
+
+
+def _candidates(table: CalibrationTable | None, criterion: Criterion | None) -> list[CalibrationPoint]:
+    if table is None or not table.points:
+        raise InvalidRequestError(
+            "this model has no calibration table, so accuracy targets are unavailable; set speed instead",
+            field="max_accuracy_drop",
+        )
+    points = [p for p in table.points if criterion is None or p.criterion == criterion]
+    if not points:
+        raise InvalidRequestError(f"no calibration for criterion {criterion}", field="criterion")
+    return points
+
+
+def _resolved(table: CalibrationTable, point: CalibrationPoint) -> ResolvedTarget:
+    return ResolvedTarget(
+        point.criterion, point.speed, point.accuracy, drop_pts(table, point), point.mean_exit_layer
+    )
+
+
+def for_accuracy_drop(
+    table: CalibrationTable | None, max_drop_pts: float, criterion: Criterion | None = None
+) -> ResolvedTarget:
+    """The fastest calibrated setting whose accuracy drop is at most ``max_drop_pts`` points."""
+    if not max_drop_pts >= 0.0:  # also refuses NaN
+        raise InvalidRequestError("max_accuracy_drop must be a number >= 0", field="max_accuracy_drop")
+    points = _candidates(table, criterion)
+    assert table is not None
+    within = [p for p in points if drop_pts(table, p) <= max_drop_pts + _EPS]
+    if not within:
+        best = min(points, key=lambda p: (drop_pts(table, p), p.mean_exit_layer))
+        raise InvalidRequestError(
+            f"max_accuracy_drop {max_drop_pts} is unreachable: the smallest calibrated drop is "
+            f"{drop_pts(table, best):.2f} points (criterion {best.criterion}, speed {best.speed})",
+            field="max_accuracy_drop",
+        )
+    chosen = min(within, key=lambda p: (p.mean_exit_layer, drop_pts(table, p), p.speed))
+    return _resolved(table, chosen)
+
+
+def for_mean_exit_layer(
+    table: CalibrationTable | None, max_mean_exit_layer: float, criterion: Criterion | None = None
+) -> ResolvedTarget:
+    """The most accurate calibrated setting whose mean exit layer is at most ``max_mean_exit_layer``."""
+    if not max_mean_exit_layer >= 1.0:
+        raise InvalidRequestError("max_mean_exit_layer must be a number >= 1", field="max_mean_exit_layer")
+    points = _candidates(table, criterion)
+    assert table is not None
+    within = [p for p in points if p.mean_exit_layer <= max_mean_exit_layer + _EPS]
+    if not within:
+        best = min(points, key=lambda p: (p.mean_exit_layer, -p.accuracy))
+        raise InvalidRequestError(
+            f"max_mean_exit_layer {max_mean_exit_layer} is unreachable: the lowest calibrated mean exit "
+            f"layer is {best.mean_exit_layer:.2f} (criterion {best.criterion}, speed {best.speed})",
+            field="max_mean_exit_layer",
+        )
+    chosen = max(within, key=lambda p: (p.accuracy, -p.mean_exit_layer, -p.speed))
+    return _resolved(table, chosen)
