@@ -217,6 +217,7 @@ class Engine:
         adjuster = self.adjuster
         return {
             "sample_fraction": self.guard.sample_fraction,
+            "expected_agreement": dict(self.guard.expected_agreement),
             "num_dropped": self._scheduler.num_shadow_dropped,
             "buckets": self.guard.live_curve(),
             "auto_adjust": None

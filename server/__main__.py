@@ -1,0 +1,93 @@
+"""``python -m server``: load the model from the store, build the engine, serve HTTP with uvicorn.
+
+SIGTERM / SIGINT drain gracefully: /readyz turns 503 at once, uvicorn stops accepting connections and
+waits up to ``drain_timeout_s`` for open requests, then the app's lifespan stops the engine; exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+import uvicorn
+
+from server.api import create_app
+from server.settings import Settings, load_settings
+
+logger = logging.getLogger("exitserve")
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that reports draining on SIGTERM and exits 0 after a graceful stop."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+        # uvicorn >= 0.29 re-raises a captured signal after shutdown, so SIGTERM would end the process
+        # with status 143 after a clean drain. A drained server exits 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
+            captured.remove(sig)
+
+
+def configure_logging(level: str) -> None:
+    """Plain-text logs on stderr; request texts are never logged."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def serve(settings: Settings) -> int:
+    """Load the model and serve until stopped; the exit status."""
+    import torch
+
+    from model_store.errors import ModelStoreError
+    from model_store.store import ModelStore
+    from server.engine.worker import Engine
+
+    configure_logging(settings.log_level)
+    logger.info("loading model %r from %s", settings.model, settings.store)
+    try:
+        loaded = ModelStore(settings.store).load(
+            settings.model,
+            settings.model_version,
+            device=settings.device,
+            dtype=getattr(torch, settings.dtype),
+        )
+    except ModelStoreError as e:
+        logger.error("cannot load the model: %s", e)
+        logger.error(
+            "build the default model with: python -m model_store ensure-default --store %s", settings.store
+        )
+        return 1
+    engine_config = settings.engine_config()
+    app = create_app(settings, lambda observer: Engine(loaded, engine_config, observer))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # our own access log (exitserve.access) names the route, never the body
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+        lifespan="on",
+    )
+    server = DrainingServer(config, on_exit=app.state.exitserve.begin_drain)
+    server.run()
+    return 0 if server.started else 3  # 3: start-up failed (uvicorn's own code for it)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m server`` and the ``exitserve`` script."""
+    return serve(load_settings(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

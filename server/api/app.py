@@ -1,0 +1,86 @@
+"""The app factory: settings and an engine factory in, a FastAPI app out. No module-level app.
+
+Start-up (lifespan): build the engine with the metrics as its observer, bind the metrics to the model,
+start the engine. Shutdown: mark the app draining (/readyz 503), then ``engine.stop()`` lets in-flight
+requests finish. uvicorn has stopped accepting connections and waited for open ones by then.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from server.api import routes_v1, routes_v2
+from server.api.errors import install_error_handlers
+from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, TimingMiddleware
+from server.api.state import AppState, EngineFactory
+from server.metrics import Registry, ServerMetrics
+from server.settings import Settings
+
+logger = logging.getLogger("exitserve.api")
+API_VERSION = "1"
+
+
+def create_app(
+    settings: Settings, engine_factory: EngineFactory, registry: Registry | None = None
+) -> FastAPI:
+    """A new app serving the engine that ``engine_factory(observer)`` builds at start-up.
+
+    ``registry`` receives every metric (a fresh one if not given; never the global registry).
+    """
+    metrics = ServerMetrics(settings.model, registry)
+    state = AppState(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = engine_factory(metrics)
+        info = engine.model_info
+        if info.name != settings.model:
+            logger.warning("serving model %r while settings name %r", info.name, settings.model)
+        metrics.bind_model(info.num_layers, info.default_speed)
+        expected = (info.live_guard or {}).get("expected_agreement")
+        if isinstance(expected, dict):
+            metrics.set_guard_expectation({str(k): float(v) for k, v in expected.items()})
+        metrics.set_ready_function(state.is_ready)
+        await engine.start()
+        state.engine = engine
+        logger.info("serving %s version %s (%d layers)", info.name, info.version, info.num_layers)
+        try:
+            yield
+        finally:
+            state.begin_drain()
+            await engine.stop(drain_timeout_s=settings.drain_timeout_s)
+            logger.info("engine stopped")
+
+    app = FastAPI(
+        title="exitserve",
+        version=API_VERSION,
+        description="Early-exit BERT classification: easy inputs leave the encoder early.",
+        lifespan=lifespan,
+    )
+    app.state.exitserve = state
+    install_error_handlers(app)
+    app.include_router(routes_v1.router)
+    app.include_router(routes_v2.router)
+
+    # add_middleware wraps: the last added runs first. Order seen by a request:
+    # timing/metrics -> CORS -> API key -> body cap -> routes.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(
+            ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=settings.open_paths
+        )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["X-Queue-Time-Ms", "X-Inference-Time-Ms", "X-Total-Time-Ms", "Retry-After"],
+        )
+    app.add_middleware(TimingMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,187 @@
+"""Errors at the API edge: one table from error kind to HTTP status, one body shape for every error.
+
+Every non-2xx reply has the body ``{"error": {"type": str, "message": str, "field": str | null}}`` —
+engine errors, request validation, unknown routes, size limits, auth and unexpected failures alike.
+A 500 says only "internal server error"; the details go to the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine.errors import (
+    BatchFailedError,
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotReadyError,
+    PayloadTooLargeError,
+    QueueFullError,
+    RequestCancelledError,
+)
+
+logger = logging.getLogger("exitserve.api")
+
+GENERIC_500_MESSAGE = "internal server error"
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; only ever seen in logs and metrics, the client is gone
+
+# The one table: engine error kind -> (HTTP status, error type).
+ENGINE_ERROR_STATUS: dict[type[EngineError], tuple[int, str]] = {
+    InvalidRequestError: (422, "invalid_request"),
+    PayloadTooLargeError: (413, "payload_too_large"),
+    QueueFullError: (429, "queue_full"),
+    DeadlineExceededError: (504, "deadline_exceeded"),
+    NotReadyError: (503, "not_ready"),
+    ModelNotFoundError: (404, "model_not_found"),
+    BatchFailedError: (500, "internal_error"),
+    RequestCancelledError: (CLIENT_CLOSED_REQUEST, "client_closed_request"),
+}
+# Error types of plain HTTP statuses (unknown route, wrong method, body limits, auth).
+HTTP_STATUS_TYPES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    500: "internal_error",
+}
+
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error raised by the API layer itself, with an error type and the field at fault.
+
+    A subclass of Starlette's HTTPException so that FastAPI re-raises it unchanged while reading a body.
+    """
+
+    def __init__(
+        self,
+        status_code: int,
+        error_type: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status_code=status_code, detail=message, headers=headers)
+        self.error_type = error_type
+        self.message = message
+        self.field = field
+
+
+def error_body(error_type: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """The one error body shape."""
+    return {"error": {"type": error_type, "message": message, "field": field}}
+
+
+def error_body_bytes(error_type: str, message: str, field: str | None = None) -> bytes:
+    """The error body as bytes, for pure ASGI middleware that answers before the app runs."""
+    return json.dumps(error_body(error_type, message, field)).encode()
+
+
+def error_response(
+    status: int,
+    error_type: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """A JSON reply in the one error shape."""
+    return JSONResponse(error_body(error_type, message, field), status_code=status, headers=headers)
+
+
+def status_for(error: EngineError) -> tuple[int, str]:
+    """The (status, type) of an engine error, by its most specific class in the table."""
+    for cls in type(error).__mro__:
+        if cls in ENGINE_ERROR_STATUS:
+            return ENGINE_ERROR_STATUS[cls]  # type: ignore[index]
+    return 500, "internal_error"
+
+
+def engine_error_response(error: EngineError) -> JSONResponse:
+    """Map an engine error to its reply (Retry-After on 429, generic message on 500)."""
+    status, error_type = status_for(error)
+    if status >= 500 and status != 503 and status != 504:
+        logger.error("engine error %s: %s", type(error).__name__, error.public_message)
+        return error_response(status, error_type, GENERIC_500_MESSAGE)
+    headers = None
+    if isinstance(error, QueueFullError):
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    field = error.field if isinstance(error, InvalidRequestError) else None
+    return error_response(status, error_type, error.public_message, field, headers)
+
+
+def field_from_loc(loc: Sequence[int | str]) -> str | None:
+    """``("body", "inputs", 2)`` -> ``"inputs[2]"``; the leading "body"/"query"/"path" is dropped."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    field = ""
+    for part in parts:
+        if isinstance(part, int):
+            field += f"[{part}]"
+        else:
+            field += f".{part}" if field else str(part)
+    return field or None
+
+
+def validation_error_response(error: RequestValidationError) -> JSONResponse:
+    """The first validation problem, naming its field (422), or 400 for a body that is not JSON."""
+    errors = error.errors()
+    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return error_response(400, "invalid_json", f"request body is not valid JSON: {reason}")
+    loc = tuple(first.get("loc", ()))
+    field = field_from_loc(loc)
+    if loc == ("body",):
+        if first.get("type") == "missing":
+            return error_response(422, "invalid_request", "a JSON request body is required")
+        return error_response(422, "invalid_request", "the request body must be a JSON object")
+    message = str(first.get("msg", "invalid value"))
+    if field and not message.startswith(field):
+        message = f"{field}: {message}"
+    return error_response(422, "invalid_request", message, field)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error kind through the one body shape."""
+
+    async def on_engine_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, EngineError)
+        return engine_error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return validation_error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc, ApiError):
+            return error_response(exc.status_code, exc.error_type, exc.message, exc.field, exc.headers)
+        error_type = HTTP_STATUS_TYPES.get(exc.status_code, "http_error")
+        if exc.status_code >= 500:
+            return error_response(exc.status_code, error_type, GENERIC_500_MESSAGE, None, exc.headers)
+        message = exc.detail if isinstance(exc.detail, str) else error_type.replace("_", " ")
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(exc.status_code, error_type, message, None, exc.headers)
+
+    async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal_error", GENERIC_500_MESSAGE)
+
+    app.add_exception_handler(EngineError, on_engine_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)

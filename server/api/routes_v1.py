@@ -1,0 +1,136 @@
+"""The v1 API: classify, models, health, readiness, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from model_store.criteria import Criterion
+from server.api.errors import error_response
+from server.api.json_body import StrictJSONRoute
+from server.api.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    ErrorResponse,
+    HealthStatus,
+    ModelDescription,
+    ModelList,
+)
+from server.api.state import (
+    StateDep,
+    build_options,
+    check_num_inputs,
+    request_start_s,
+    timing_headers,
+)
+from server.engine.types import ClassifyResult as EngineResult
+from server.engine.types import ModelInfo
+from server.metrics import EXPOSITION_CONTENT_TYPE
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "body is not UTF-8 JSON, or repeats a key",
+        401: "API key missing or wrong",
+        404: "unknown model",
+        413: "body, inputs or tokens over the limit",
+        422: "invalid field (the error names it)",
+        429: "queue full; retry after Retry-After seconds",
+        503: "not ready (loading or draining)",
+        504: "deadline passed",
+    }.items()
+}
+
+router = APIRouter(route_class=StrictJSONRoute)
+
+
+def describe_model(info: ModelInfo, ready: bool) -> ModelDescription:
+    """The public description of the served model."""
+    return ModelDescription(
+        name=info.name,
+        version=info.version,
+        architecture=info.architecture,
+        num_layers=info.num_layers,
+        labels=info.labels,
+        max_seq_length=info.max_seq_length,
+        default_criterion=info.default_criterion,
+        default_speed=info.default_speed,
+        criteria=list(Criterion),
+        ready=ready,
+        calibration=info.calibration,
+        live_guard=info.live_guard,
+        provenance=info.provenance,
+    )
+
+
+def to_response(result: EngineResult, labels: list[str], return_probs: bool) -> ClassifyResponse:
+    """The engine's result as the v1 reply."""
+    return ClassifyResponse(
+        model=result.model,
+        version=result.version,
+        speed=result.speed,
+        criterion=result.criterion,
+        results=[
+            ClassifyResult(
+                label=row.label,
+                score=row.score,
+                exit_layer=row.exit_layer,
+                num_layers_run=row.num_layers_run,
+                truncated=row.truncated,
+                probs=dict(zip(labels, row.probs, strict=True)) if return_probs else None,
+            )
+            for row in result.rows
+        ],
+    )
+
+
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+    responses=ERROR_RESPONSES,
+    tags=["v1"],
+    summary="Classify one text or a batch of texts",
+)
+async def classify(body: ClassifyRequest, request: Request, response: Response, state: StateDep) -> Any:
+    """Label each input; easy inputs leave the encoder early. Timings come back in X-*-Time-Ms headers."""
+    engine = state.require_engine()
+    texts = body.texts
+    check_num_inputs(len(texts), state.settings)
+    info = engine.model_info
+    options = build_options(body, info, state.settings, request_start_s(request))
+    result = await engine.classify(texts, options, is_disconnected=request.is_disconnected)
+    response.headers.update(timing_headers(result))
+    return to_response(result, info.labels, body.return_probs)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, tags=["v1"])
+async def list_models(state: StateDep) -> ModelList:
+    """The served model with its labels, defaults and calibration table (speed vs accuracy)."""
+    engine = state.require_engine()
+    return ModelList(models=[describe_model(engine.model_info, state.is_ready())])
+
+
+@router.get("/healthz", response_model=HealthStatus, tags=["health"])
+async def healthz() -> HealthStatus:
+    """The process is alive (liveness)."""
+    return HealthStatus(status="ok")
+
+
+@router.get(
+    "/readyz", response_model=HealthStatus, responses={503: {"model": ErrorResponse}}, tags=["health"]
+)
+async def readyz(state: StateDep) -> Any:
+    """200 when the engine serves requests; 503 while loading or draining (readiness)."""
+    if state.is_ready():
+        return HealthStatus(status="ready")
+    reason = "draining" if state.draining else "the engine is not ready"
+    return error_response(503, "not_ready", reason)
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus metrics in the text exposition format."""
+    return Response(state.metrics.exposition(), media_type=EXPOSITION_CONTENT_TYPE)

@@ -1,0 +1,73 @@
+"""Bodies of the KServe v2 / Open Inference Protocol routes (JSON tensor representation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TensorMetadata(BaseModel):
+    """Name, datatype and shape (-1 = any) of a tensor."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """``GET /v2/models/{name}``."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferInputTensor(BaseModel):
+    """One input tensor; BYTES data as JSON strings, flat or nested by shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class InferRequestedOutput(BaseModel):
+    """An output the client wants back."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    """``POST /v2/models/{name}/infer``."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInputTensor] = Field(min_length=1, max_length=1)
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutputTensor(BaseModel):
+    """One output tensor."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    """The infer reply; ``parameters`` say which speed and criterion were used."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any]
+    outputs: list[InferOutputTensor]

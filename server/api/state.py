@@ -1,0 +1,155 @@
+"""What the routes share: the engine behind a protocol, the settings, the metrics, the lifecycle.
+
+The routes depend on :class:`ServingEngine` (the Engine contract), never on the concrete Engine, so API
+tests drive them with a fake engine and no torch model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
+
+from model_store.criteria import Criterion
+from model_store.manifest import CalibrationTable
+from server.api.schemas import RequestOptions
+from server.engine import targets
+from server.engine.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError
+from server.engine.targets import ResolvedTarget
+from server.engine.types import ClassifyOptions, ClassifyResult, EngineObserver, ModelInfo
+from server.metrics import ServerMetrics
+from server.settings import Settings
+
+REQUEST_START_KEY = "exitserve.start_s"  # scope key: time.monotonic() when the request arrived
+
+
+class ServingEngine(Protocol):
+    """The Engine contract (docs: server.engine.worker.Engine)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None: ...
+
+    def is_ready(self) -> bool: ...
+
+    @property
+    def model_info(self) -> ModelInfo: ...
+
+    async def classify(
+        self,
+        texts: list[str],
+        options: ClassifyOptions,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> ClassifyResult: ...
+
+
+EngineFactory = Callable[[EngineObserver], ServingEngine]
+
+
+@dataclass
+class AppState:
+    """Per-app state (``app.state.exitserve``); nothing is module-global."""
+
+    settings: Settings
+    metrics: ServerMetrics
+    engine: ServingEngine | None = None
+    draining: bool = False
+    started_at_s: float = field(default_factory=time.monotonic)
+
+    def is_ready(self) -> bool:
+        """Serving: the engine started and is ready, and the server is not draining."""
+        return self.engine is not None and not self.draining and self.engine.is_ready()
+
+    def begin_drain(self) -> None:
+        """From now on /readyz says 503 (called on SIGTERM, before in-flight requests finish)."""
+        self.draining = True
+
+    def require_engine(self) -> ServingEngine:
+        """The engine, or NotReadyError (503) before start-up finished."""
+        if self.engine is None:
+            raise NotReadyError("the model is not loaded yet")
+        return self.engine
+
+
+def get_state(request: Request) -> AppState:
+    """The app's state (a FastAPI dependency)."""
+    state = request.app.state.exitserve
+    assert isinstance(state, AppState)
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def check_num_inputs(num_inputs: int, settings: Settings, field_name: str = "inputs") -> None:
+    """Refuse more inputs than a request may carry (413)."""
+    if num_inputs > settings.max_inputs_per_request:
+        raise PayloadTooLargeError(
+            f"{field_name} holds {num_inputs} texts; at most {settings.max_inputs_per_request} per request"
+        )
+
+
+def build_options(
+    request_options: RequestOptions, info: ModelInfo, settings: Settings, start_s: float
+) -> ClassifyOptions:
+    """The engine's options for a request: its own knobs, else the model's and server's defaults."""
+    criterion: Criterion = request_options.criterion or info.default_criterion
+    speed = request_options.speed if request_options.speed is not None else info.default_speed
+    target = resolve_target(request_options, info)
+    if target is not None:
+        criterion, speed = target.criterion, target.speed
+    max_layers = request_options.max_layers
+    if max_layers is not None and max_layers > info.num_layers:
+        raise InvalidRequestError(
+            f"max_layers: {max_layers} is more than the model's {info.num_layers} layers", field="max_layers"
+        )
+    deadline_ms = request_options.deadline_ms or settings.default_deadline_ms
+    deadline_s = None if deadline_ms is None else start_s + deadline_ms / 1000.0
+    return ClassifyOptions(
+        criterion=criterion,
+        speed=speed,
+        max_layers=max_layers,
+        deadline_s=deadline_s,
+        speed_is_default=request_options.speed is None and target is None,
+    )
+
+
+def resolve_target(request_options: RequestOptions, info: ModelInfo) -> ResolvedTarget | None:
+    """An accuracy or depth target turned into a calibrated (criterion, speed); None without a target."""
+    drop, depth = request_options.max_accuracy_drop, request_options.max_mean_exit_layer
+    if drop is None and depth is None:
+        return None
+    if request_options.speed is not None:
+        raise InvalidRequestError("give either speed or an accuracy target, not both", field="speed")
+    if drop is not None and depth is not None:
+        raise InvalidRequestError(
+            "give either max_accuracy_drop or max_mean_exit_layer, not both", field="max_mean_exit_layer"
+        )
+    table = CalibrationTable.model_validate(info.calibration) if info.calibration else None
+    if drop is not None:
+        return targets.for_accuracy_drop(table, drop, request_options.criterion)
+    assert depth is not None
+    return targets.for_mean_exit_layer(table, depth, request_options.criterion)
+
+
+def request_start_s(request: Request) -> float:
+    """When the request arrived (set by the timing middleware), else now."""
+    start = request.scope.get(REQUEST_START_KEY)
+    return float(start) if isinstance(start, float) else time.monotonic()
+
+
+def timing_headers(result: ClassifyResult) -> dict[str, str]:
+    """X-Queue-Time-Ms and X-Inference-Time-Ms of a classify reply (the middleware adds X-Total-Time-Ms)."""
+    return {
+        "X-Queue-Time-Ms": format_ms(result.queue_time_s),
+        "X-Inference-Time-Ms": format_ms(result.inference_time_s),
+    }
+
+
+def format_ms(seconds: float) -> str:
+    """Seconds as milliseconds with three decimals, for a header."""
+    return f"{max(0.0, seconds) * 1000.0:.3f}" if math.isfinite(seconds) else "0.000"

@@ -1,0 +1,195 @@
+"""Prometheus metrics: what the engine reports (an EngineObserver) and what the HTTP layer sees.
+
+The only module that imports prometheus_client. Every metric lives in one injected CollectorRegistry
+(never the global one), so two apps in one process (tests) never share counters. Labels stay
+low-cardinality: the model name, a route template, a status code, a layer number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+PREFIX = "exitserve"
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUEUE_WAIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS_S)
+BATCH_SIZE_BUCKETS = tuple(float(2**k) for k in range(10))  # 1, 2, 4, ..., 512
+EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
+Registry = CollectorRegistry  # re-exported: the rest of the codebase never imports prometheus_client
+
+# No *_created series: they double the series count and no dashboard or rule here reads them.
+# (A process-wide switch in prometheus_client; this module is its only user.)
+disable_created_metrics()
+
+
+class ServerMetrics:
+    """All metrics of one server process for one served model.
+
+    ``registry`` receives every metric (a new one if not given; never the global registry).
+    Implements ``server.engine.types.EngineObserver``; its methods may be called from the engine's
+    worker thread (prometheus_client is thread-safe). The exit-layer histogram needs the model's number
+    of layers for its buckets (1..L), so it is created by :meth:`bind_model` once the engine knows it;
+    engine reports before that are not expected (the engine is started after binding).
+    """
+
+    def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry
+        self.model = model
+        self.num_layers: int | None = None
+        self._exit_layer: Histogram | None = None
+        reg = registry
+        self._requests = Counter(
+            f"{PREFIX}_requests", "HTTP requests answered", ["model", "route", "status"], registry=reg
+        )
+        self._request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "End-to-end HTTP request latency",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self._queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time from admission to the first layer computed",
+            ["model"],
+            buckets=QUEUE_WAIT_BUCKETS_S,
+            registry=reg,
+        ).labels(model)
+        self._batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Rows per layer step",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=reg,
+        ).labels(model)
+        self._layers_run = Counter(
+            f"{PREFIX}_layers_run", "Row-layers computed", ["model"], registry=reg
+        ).labels(model)
+        self._layers_saved = Counter(
+            f"{PREFIX}_layers_saved", "Row-layers skipped by early exit", ["model"], registry=reg
+        ).labels(model)
+        self._rows_per_layer = Counter(
+            f"{PREFIX}_rows_per_layer", "Rows that ran layer k", ["model", "layer"], registry=reg
+        )
+        self._rows = Counter(f"{PREFIX}_rows", "Input rows answered", ["model"], registry=reg).labels(model)
+        self._queue_depth = Gauge(
+            f"{PREFIX}_queue_depth", "Rows waiting for admission", ["model"], registry=reg
+        ).labels(model)
+        self._inflight = Gauge(
+            f"{PREFIX}_inflight_requests", "Requests admitted and not answered", ["model"], registry=reg
+        ).labels(model)
+        self._batch_failures = Counter(
+            f"{PREFIX}_batch_failures", "Batches whose computation raised", ["model"], registry=reg
+        ).labels(model)
+        self._engine_restarts = Counter(
+            f"{PREFIX}_engine_restarts", "Engine worker restarts", ["model"], registry=reg
+        ).labels(model)
+        self._ready = Gauge(f"{PREFIX}_ready", "1 when serving, else 0", ["model"], registry=reg).labels(
+            model
+        )
+        # Live accuracy guard (server/engine/guard.py); bucket = speed rounded down to 0.1 (11 values).
+        self._guard_samples = Counter(
+            f"{PREFIX}_guard_samples",
+            "Early exits re-run to full depth, by speed bucket and whether the answers agreed",
+            ["model", "bucket", "agreed"],
+            registry=reg,
+        )
+        self._guard_dropped = Counter(
+            f"{PREFIX}_guard_dropped",
+            "Shadow rows dropped for lack of spare capacity",
+            ["model"],
+            registry=reg,
+        ).labels(model)
+        self._guard_expected = Gauge(
+            f"{PREFIX}_guard_expected_agreement",
+            "Calibrated agreement of early exits with full depth, by speed bucket (the alert's reference)",
+            ["model", "bucket"],
+            registry=reg,
+        )
+        self._default_speed = Gauge(
+            f"{PREFIX}_default_speed", "Speed for requests that set none", ["model"], registry=reg
+        ).labels(model)
+
+    # --- set-up -------------------------------------------------------------------------------------
+
+    def set_guard_expectation(self, expected_agreement: dict[str, float]) -> None:
+        """Publish the calibrated agreement per speed bucket, next to the live tallies."""
+        for bucket, agreement in expected_agreement.items():
+            self._guard_expected.labels(self.model, bucket).set(agreement)
+
+    def bind_model(self, num_layers: int, default_speed: float | None = None) -> None:
+        """Create the per-layer metrics for a model of ``num_layers`` layers (buckets le=1..L)."""
+        if default_speed is not None:
+            self._default_speed.set(default_speed)
+        if self._exit_layer is not None:
+            if num_layers != self.num_layers:
+                raise ValueError(f"metrics are bound to {self.num_layers} layers, not {num_layers}")
+            return
+        self.num_layers = num_layers
+        self._exit_layer = Histogram(
+            f"{PREFIX}_exit_layer",
+            "Layer whose ramp answered, one observation per input row",
+            ["model"],
+            buckets=tuple(float(k) for k in range(1, num_layers + 1)),
+            registry=self.registry,
+        )
+        self._exit_layer.labels(self.model)
+        for layer in range(1, num_layers + 1):  # every layer shows up at 0 before traffic
+            self._rows_per_layer.labels(self.model, str(layer))
+
+    def set_ready_function(self, is_ready: Callable[[], bool]) -> None:
+        """Read readiness at scrape time, so the gauge cannot go stale."""
+        self._ready.set_function(lambda: 1.0 if is_ready() else 0.0)
+
+    # --- HTTP ---------------------------------------------------------------------------------------
+
+    def http_request(self, route: str, status: int, duration_s: float) -> None:
+        """One answered HTTP request; ``route`` is a route template, never a raw path."""
+        self._requests.labels(self.model, route, str(status)).inc()
+        self._request_duration.labels(self.model, route).observe(duration_s)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    # --- EngineObserver -----------------------------------------------------------------------------
+
+    def queue_depth(self, num_rows: int) -> None:
+        self._queue_depth.set(num_rows)
+
+    def inflight(self, num_requests: int, num_rows: int) -> None:
+        self._inflight.set(num_requests)
+
+    def queue_wait(self, wait_s: float) -> None:
+        self._queue_wait.observe(wait_s)
+
+    def layer_step(self, layer: int, num_rows: int, num_tokens: int) -> None:
+        self._batch_size.observe(num_rows)
+        self._layers_run.inc(num_rows)
+        self._rows_per_layer.labels(self.model, str(layer)).inc(num_rows)
+
+    def row_exited(self, exit_layer: int, num_layers: int) -> None:
+        if self._exit_layer is None:  # reports before bind_model: bind from what the engine says
+            self.bind_model(num_layers)
+        assert self._exit_layer is not None
+        self._exit_layer.labels(self.model).observe(exit_layer)
+        self._layers_saved.inc(num_layers - exit_layer)
+        self._rows.inc()
+
+    def batch_failed(self, num_requests: int) -> None:
+        self._batch_failures.inc()
+
+    def engine_restarted(self) -> None:
+        self._engine_restarts.inc()
+
+    def guard_result(self, bucket: str, agreed: bool) -> None:
+        self._guard_samples.labels(self.model, bucket, "true" if agreed else "false").inc()
+
+    def guard_dropped(self, num_rows: int) -> None:
+        self._guard_dropped.inc(num_rows)
+
+    def default_speed_changed(self, speed: float) -> None:
+        self._default_speed.set(speed)

