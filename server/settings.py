@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         default="spam-minilm", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="model name to serve"
     )
     model_version: str | None = Field(default=None, description="model version; none = the latest")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for torch; none = cores - 1 (at least 1), leaving a core to the front end",
+    )
     device: str = Field(
         default="cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="torch device: cpu, cuda, cuda:N"
     )
@@ -63,6 +68,11 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
+    )
+    # Longer than any client pool or load balancer idle timeout (httpx 5 s, ALB 60 s): if the server closed
+    # an idle connection at the moment a client reused it, that request would die without an answer.
+    keep_alive_timeout_s: float = Field(
+        default=75.0, gt=0, description="how long an idle keep-alive connection stays open"
     )
 
     # --- engine -------------------------------------------------------------------------------------

@@ -32,15 +32,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def save_tiny_store(root: Path, name: str = "tiny", num_layers: int = 4) -> ModelStore:
-    """A tiny random BERT (sharpened ramps, so rows exit at different layers) with the MiniLM tokenizer."""
+def save_tiny_store(
+    root: Path, name: str = "tiny", num_layers: int = 4, hidden_size: int = 32, max_seq_length: int = 32
+) -> ModelStore:
+    """A small random BERT (sharpened ramps, so rows exit at different layers) with the MiniLM tokenizer."""
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        intermediate_size=64,
+        intermediate_size=4 * hidden_size,
     )
     model = EarlyExitClassifier.from_config(config, num_labels=3, ramp_hidden=16).eval()
     with torch.no_grad():
@@ -52,9 +54,9 @@ def save_tiny_store(root: Path, name: str = "tiny", num_layers: int = 4) -> Mode
         version="1",
         architecture="bert",
         num_layers=num_layers,
-        hidden_size=32,
+        hidden_size=hidden_size,
         labels=["a", "b", "c"],
-        max_seq_length=32,
+        max_seq_length=max_seq_length,
         ramp=RampSpec(hidden_size=16),
         default_speed=0.5,
     )

@@ -7,7 +7,8 @@ from tests.server.api.conftest import Served, assert_error
 
 async def test_accuracy_target_picks_a_calibrated_speed_and_reports_it(served: Served) -> None:
     # The fake model's table has one point: normalized_entropy at speed 0.3, 1.0 pt below full depth.
-    response = await served.client.post("/v1/classify", json={"inputs": "hello there", "max_accuracy_drop": 1.5})
+    body = {"inputs": "hello there", "max_accuracy_drop": 1.5}
+    response = await served.client.post("/v1/classify", json=body)
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["criterion"], body["speed"]) == ("normalized_entropy", 0.3)

@@ -211,3 +211,46 @@ async def test_watchdog_restarts_a_crashed_engine(loaded: LoadedModel, monkeypat
         assert result.rows[0].exit_layer == 4 and engine.num_restarts == 1
     finally:
         await engine.stop()
+
+
+async def test_disconnected_client_is_dropped_before_compute(loaded: LoadedModel, monkeypatch) -> None:
+    import threading
+
+    from server.engine.errors import RequestCancelledError
+
+    engine = Engine(loaded, EngineConfig(max_batch_size=1, max_wait_ms=0.0))
+    real_execute = engine._runner.execute
+    release = threading.Event()
+    computed_requests: list[set[int]] = []
+
+    def gated(plan):
+        release.wait(10)
+        rows = {r.request_id for r in plan.new_rows}
+        computed_requests.append(rows)
+        return real_execute(plan)
+
+    monkeypatch.setattr(engine._runner, "execute", gated)
+    await engine.start()
+    options = ClassifyOptions(criterion=Criterion.MAX_PROB, speed=1.0)
+    gone = asyncio.Event()
+
+    async def is_disconnected() -> bool:
+        return gone.is_set()
+
+    try:
+        first = asyncio.create_task(engine.classify(["first"], options))
+        await asyncio.sleep(0.2)  # first is computing (held at the gate); second waits in the queue
+        second = asyncio.create_task(engine.classify(["second", "more"], options, is_disconnected))
+        await asyncio.sleep(0.1)
+        second_request_ids = set(engine._requests) - {min(engine._requests)}
+        gone.set()  # the client of the second request goes away
+        with pytest.raises(RequestCancelledError):
+            await asyncio.wait_for(second, timeout=2)
+        release.set()
+        assert (await first).rows[0].exit_layer == 1
+        await asyncio.sleep(0.1)
+        assert all(not (rows & second_request_ids) for rows in computed_requests)
+        assert engine._scheduler.num_waiting == 0
+    finally:
+        release.set()
+        await engine.stop()
