@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install serve test lint typecheck unit bench clean
+.PHONY: install tools serve test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,11 +39,22 @@ lint: install
 typecheck: install
 	$(PY) -m mypy
 
-test: lint typecheck
+# The real tools the deploy tests run (Docker engine, mmdebstrap, Prometheus, hadolint, kubectl,
+# kubernetes-validate); installs only what is missing, apt packages only as root.
+tools: install
+	bash scripts/install-test-tools.sh $(VENV)
+
+test: lint typecheck tools
 	$(PY) -m pytest
 
 unit: install
 	$(PY) -m pytest -m "unit or model or api"
+
+# The standard benchmark set (< 15 min on the 2-core dev machine): starts and stops the servers it
+# compares, writes bench-out/ (one JSON per run), docs/bench-*.png and the tables in BENCHMARKS.md.
+bench: install
+	$(PY) -m model_store ensure-default --store $(STORE)
+	$(PY) -m loadtest bench --store $(STORE) --out-dir bench-out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
