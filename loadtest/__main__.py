@@ -1,0 +1,181 @@
+"""``python -m loadtest``: bounded load runs, the standard benchmark set, and the tiny model helper."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from loadtest.dataset import DatasetError, Example, load_jsonl, load_split, sample
+from loadtest.generator import LoadSettings, run_load_sync
+from loadtest.machine import now_iso
+from loadtest.progress import stderr_progress
+from loadtest.report import describe_target, run_document, write_json
+from loadtest.safety import NotLoopbackError
+from loadtest.servers import ServerStartError
+
+
+def parse_speeds(text: str) -> tuple[float | None, ...]:
+    """``"0,0.2,0.5"`` -> (0.0, 0.2, 0.5); ``"default"`` -> (None,) = the server's default speed."""
+    speeds: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        speeds.append(None if part in ("default", "") else float(part))
+    return tuple(speeds)
+
+
+def load_examples(
+    dataset: str | None, split: str, limit: int | None, seed: int
+) -> tuple[list[Example], dict]:
+    """The run's inputs and a description of them for the report."""
+    if dataset:
+        examples, source = load_jsonl(dataset), str(dataset)
+    else:
+        examples, source = load_split(split), f"model_store.data split={split}"
+    chosen = sample(examples, limit, seed)
+    return chosen, {"source": source, "num_examples": len(chosen), "seed": seed}
+
+
+def add_input_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="JSONL file of {text, label} (default: model_store.data split)")
+    parser.add_argument("--split", default="test", help="dataset split when --dataset is not given")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many examples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example shuffle and arrivals")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    examples, dataset = load_examples(args.dataset, args.split, args.limit, args.seed)
+    settings = LoadSettings(
+        url=args.url,
+        mode=args.mode,
+        concurrency=args.concurrency,
+        rate_per_s=args.rate,
+        max_requests=args.max_requests,
+        max_duration_s=args.max_duration_s,
+        speeds=parse_speeds(args.speeds),
+        criterion=args.criterion,
+        seed=args.seed,
+        request_timeout_s=args.timeout_s,
+        num_warmup_requests=args.warmup,
+    )
+    target = describe_target(settings.url)
+    started_at = now_iso()
+    progress = stderr_progress(args.name, settings.max_requests, settings.max_duration_s, args.quiet)
+    result = run_load_sync(settings, examples, progress)
+    document = run_document(args.name, result, dataset, target, started_at)
+    if args.save_records:
+        document["records"] = [asdict(r) for r in result.records]
+    path = write_json(Path(args.out) if args.out else Path("bench-out") / f"{args.name}.json", document)
+    s = result.summary
+    lat = s["latency_ms"]
+    print(
+        f"{args.name}: {s['num_ok']}/{s['num_requests']} ok, {s['throughput_rps']:.1f} req/s, "
+        f"p50 {lat['p50'] or float('nan'):.1f} ms, p99 {lat['p99'] or float('nan'):.1f} ms, "
+        f"accuracy {s['accuracy'] if s['accuracy'] is not None else 'n/a'}, errors {s['errors_by_status']} "
+        f"-> {path}"
+    )
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from loadtest.tiny import make_tiny_store
+
+    path = make_tiny_store(args.store, name=args.name, max_seq_length=args.max_seq_length)
+    print(path)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from loadtest.bench import BenchOptions, run_bench
+
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the servers it started are stopped
+
+    options = BenchOptions(
+        store=Path(args.store),
+        model=args.model,
+        out_dir=Path(args.out_dir),
+        dataset=args.dataset,
+        split=args.split,
+        limit=args.limit,
+        seed=args.seed,
+        quick=args.quick,
+        write_markdown=not args.no_markdown,
+    )
+    return run_bench(options)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from loadtest.bench import write_outputs
+
+    write_outputs(Path(args.out_dir), write_markdown=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="one bounded run against a loopback server")
+    run.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback only)")
+    run.add_argument("--mode", choices=["closed", "open"], default="closed")
+    run.add_argument(
+        "--concurrency", type=int, default=32, help="closed loop: requests in flight; open loop: connections"
+    )
+    run.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrival rate, req/s")
+    run.add_argument("--max-requests", type=int, default=1000)
+    run.add_argument("--max-duration-s", type=float, default=30.0)
+    run.add_argument("--speeds", default="default", help="comma-separated mix, e.g. 0,0.2,0.5")
+    run.add_argument("--criterion", default=None)
+    run.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
+    run.add_argument("--warmup", type=int, default=10, help="unrecorded requests before the run")
+    run.add_argument("--name", default="run", help="run name (JSON file name)")
+    run.add_argument("--out", default=None, help="JSON output path (default: bench-out/NAME.json)")
+    run.add_argument("--quiet", action="store_true", help="no live progress")
+    run.add_argument("--save-records", action="store_true", help="also write every request's record")
+    add_input_args(run)
+    run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="the standard set: starts the servers, runs, plots, BENCHMARKS.md")
+    bench.add_argument("--store", default="store")
+    bench.add_argument("--model", default="spam-minilm")
+    bench.add_argument("--out-dir", default="bench-out")
+    bench.add_argument("--quick", action="store_true", help="short runs (smoke test of the pipeline)")
+    bench.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md/docs plots")
+    add_input_args(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    tiny = sub.add_parser("make-tiny", help="save a random 1-layer BERT with the MiniLM tokenizer")
+    tiny.add_argument("--store", default="bench-out/store-tiny")
+    tiny.add_argument("--name", default="tiny-1layer")
+    tiny.add_argument("--max-seq-length", type=int, default=128)
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    report = sub.add_parser("report", help="re-draw plots and BENCHMARKS.md from a bench output dir")
+    report.add_argument("--out-dir", default="bench-out")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (NotLoopbackError, DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ServerStartError as e:
+        print(f"error: a server did not start: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

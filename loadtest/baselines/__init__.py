@@ -1,0 +1,1 @@
+"""Baseline servers the benchmark compares exitserve against (same model store, same inputs)."""
