@@ -33,6 +33,9 @@ class CalibrationPoint(BaseModel):
     mean_exit_layer: float = Field(ge=1.0)
     layers_saved: float = Field(ge=0.0, le=1.0, description="1 - mean_exit_layer / num_layers")
     expected_speedup: float = Field(gt=0.0, description="num_layers / mean_exit_layer")
+    accuracy_drop: float | None = Field(
+        default=None, description="full-depth accuracy minus this accuracy (positive = worse)"
+    )
 
 
 class CalibrationTable(BaseModel):

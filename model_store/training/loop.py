@@ -1,0 +1,109 @@
+"""The one training loop every recipe uses: shuffled row batches -> loss -> AdamW step, with tqdm."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def seed_everything(seed: int) -> None:
+    """Fix Python, NumPy and torch seeds (training is then repeatable on one machine)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Optimisation settings of one training stage."""
+
+    num_epochs: float = 1.0
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.06
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """What a stage did: steps, rows seen, seconds, first and last smoothed loss."""
+
+    num_steps: int
+    num_rows_seen: int
+    duration_s: float
+    first_loss: float
+    final_loss: float
+
+
+def train_loop(
+    modules: Iterable[nn.Module],
+    params: list[nn.Parameter],
+    num_rows: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    config: LoopConfig,
+    desc: str,
+    show_progress: bool = True,
+) -> LoopStats:
+    """Train ``params`` for ``config.num_epochs`` passes over ``num_rows`` rows.
+
+    ``batch_loss(rows)`` gets a 1-D tensor of row indices and returns the scalar loss of that batch;
+    ``modules`` are put in train mode (everything else stays as the caller left it). Linear warmup then
+    linear decay; gradients clipped to ``max_grad_norm``.
+    """
+    if num_rows <= 0:
+        raise ValueError(f"{desc}: nothing to train on")
+    modules = list(modules)
+    for module in modules:
+        module.train()
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(num_rows / config.batch_size)
+    num_steps = max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    num_warmup = int(config.warmup_fraction * num_steps)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (
+            (step + 1) / (num_warmup + 1)
+            if step < num_warmup
+            else max(0.0, (num_steps - step) / max(1, num_steps - num_warmup))
+        ),
+    )
+    start_s = time.perf_counter()
+    smoothed = math.nan
+    first = math.nan
+    num_rows_seen = 0
+    order = torch.randperm(num_rows, generator=generator)
+    position = 0
+    with tqdm(total=num_steps, desc=desc, unit="step", disable=not show_progress, leave=True) as bar:
+        for step in range(num_steps):
+            if position >= num_rows:
+                order = torch.randperm(num_rows, generator=generator)
+                position = 0
+            rows = order[position : position + config.batch_size]
+            position += config.batch_size
+            loss = batch_loss(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            num_rows_seen += len(rows)
+            value = float(loss.detach())
+            smoothed = value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * value
+            if step == 0:
+                first = value
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
+    for module in modules:
+        module.eval()
+    return LoopStats(num_steps, num_rows_seen, time.perf_counter() - start_s, first, smoothed)

