@@ -77,6 +77,11 @@ class Settings(BaseSettings):
 
     # --- engine -------------------------------------------------------------------------------------
     max_batch_size: int = Field(default=64, gt=0, description="rows per layer step")
+    max_inflight_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="refill: rows holding hidden states at once; none = max_batch_size (raise it on a GPU)",
+    )
     max_batch_tokens: int = Field(default=16384, gt=0, description="padded tokens per layer step")
     max_wait_ms: float = Field(default=2.0, ge=0, description="how long a lone request waits for company")
     max_queue_size: int = Field(default=1024, gt=0, description="rows waiting for admission (else 429)")
@@ -133,6 +138,7 @@ class Settings(BaseSettings):
             max_queue_size=self.max_queue_size,
             max_inputs_per_request=self.max_inputs_per_request,
             mode=self.batching,
+            max_inflight_rows=self.max_inflight_rows,
             device=self.device,
             dtype=self.dtype,
             strict_length=self.strict_length,

@@ -29,6 +29,7 @@ class EngineConfig:
     max_queue_size: int = 1024  # rows waiting for admission; beyond it: QueueFullError
     max_inputs_per_request: int = 256
     mode: BatchingMode = BatchingMode.REFILL
+    max_inflight_rows: int | None = None  # refill: rows holding hidden states; None = max_batch_size
     device: str = "cpu"
     dtype: str = "float32"  # float32 | float16 | bfloat16 (half precisions on CUDA only)
     strict_length: bool = False  # True: inputs longer than max_seq_length are refused (413), else truncated

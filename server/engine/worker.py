@@ -92,6 +92,7 @@ class Engine:
                 max_wait_ms=config.max_wait_ms,
                 max_queue_size=config.max_queue_size,
                 mode=config.mode,
+                max_inflight_rows=config.max_inflight_rows,
                 num_layers=self._manifest.num_layers,
                 max_shadow_rows=config.max_shadow_rows,
             )
