@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_duration_s=args.max_duration_s,
         speeds=parse_speeds(args.speeds),
         criterion=args.criterion,
+        max_accuracy_drop=args.max_accuracy_drop,
         seed=args.seed,
         request_timeout_s=args.timeout_s,
         num_warmup_requests=args.warmup,
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-duration-s", type=float, default=30.0)
     run.add_argument("--speeds", default="default", help="comma-separated mix, e.g. 0,0.2,0.5")
     run.add_argument("--criterion", default=None)
+    run.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        help="ask for an accuracy target (points below full depth) instead of a speed",
+    )
     run.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
     run.add_argument("--warmup", type=int, default=10, help="unrecorded requests before the run")
     run.add_argument("--name", default="run", help="run name (JSON file name)")

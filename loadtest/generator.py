@@ -19,6 +19,7 @@ import json
 import random
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -49,6 +50,7 @@ class LoadSettings:
     max_duration_s: float = 30.0
     speeds: tuple[float | None, ...] = (None,)  # None = the server's default speed
     criterion: str | None = None
+    max_accuracy_drop: float | None = None  # an accuracy target instead of a speed (points below full depth)
     seed: int = 0
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 10.0  # after the time bound: how long in-flight requests may still finish
@@ -82,12 +84,16 @@ class RunResult:
         return {"settings": asdict(self.settings), "results": self.summary}
 
 
-def _body(text: str, speed: float | None, criterion: str | None) -> dict[str, Any]:
+def _body(
+    text: str, speed: float | None, criterion: str | None, max_accuracy_drop: float | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": text}
     if speed is not None:
         body["speed"] = speed
     if criterion is not None:
         body["criterion"] = criterion
+    if max_accuracy_drop is not None:
+        body["max_accuracy_drop"] = max_accuracy_drop
     return body
 
 
@@ -115,6 +121,8 @@ class _Run:
         self.records: list[RequestRecord] = []
         self.started_at = 0.0
         self._bodies: dict[tuple[int, float | None], bytes] = {}
+        # (criterion, speed) the server reports having used, per answered request
+        self.settings_used: Counter[tuple[str, float]] = Counter()
 
     def speed_of(self, index: int) -> float | None:
         """Request ``index``'s speed: the i-th seeded draw from the mix, whatever order requests go in."""
@@ -128,7 +136,9 @@ class _Run:
         body = self._bodies.get(key)
         if body is None:
             text = self.examples[example_index].text
-            body = json.dumps(_body(text, speed, self.settings.criterion)).encode()
+            body = json.dumps(
+                _body(text, speed, self.settings.criterion, self.settings.max_accuracy_drop)
+            ).encode()
             self._bodies[key] = body
         return body
 
@@ -150,8 +160,11 @@ class _Run:
             )
             status = str(reply.status_code)
             if reply.status_code == 200:
-                result = json.loads(reply.content)["results"][0]
+                reply_body = json.loads(reply.content)
+                result = reply_body["results"][0]
                 predicted, exit_layer = str(result["label"]), int(result["exit_layer"])
+                if "criterion" in reply_body and "speed" in reply_body:  # what the server says it used
+                    self.settings_used[(str(reply_body["criterion"]), float(reply_body["speed"]))] += 1
         except httpx.HTTPError as e:
             status = f"transport:{type(e).__name__}"
         except (ValueError, KeyError, IndexError, TypeError):
@@ -248,6 +261,10 @@ async def run_load(
     summary["client_cpu_ms_per_request"] = client_cpu_s * 1000.0 / len(records) if records else None
     if len(settings.speeds) > 1:
         summary["per_speed"] = summarize_by_speed(records, duration_s)
+    summary["settings_used"] = [
+        {"criterion": criterion, "speed": speed, "num_requests": n}
+        for (criterion, speed), n in sorted(run.settings_used.items())
+    ]
     return RunResult(settings=settings, records=records, duration_s=duration_s, summary=summary)
 
 

@@ -65,12 +65,19 @@ def calibrate(
     """The speed-accuracy table of every (criterion, speed) on one split."""
     num_layers = layer_logits.shape[1]
     full_depth = per_layer_accuracy(layer_logits, labels)
+    full_depth_predictions = layer_logits[:, -1].argmax(dim=-1)
     points = []
     for criterion in criteria:
         for speed in speeds:
             sim = simulate_exits(layer_logits, criterion, speed)
             accuracy = float((sim.predictions == labels).float().mean())
             mean_exit = float(sim.exit_layer.float().mean())
+            early = sim.exit_layer < num_layers
+            agreement = (
+                float((sim.predictions[early] == full_depth_predictions[early]).float().mean())
+                if bool(early.any())
+                else None
+            )
             points.append(
                 CalibrationPoint(
                     criterion=criterion,
@@ -80,6 +87,7 @@ def calibrate(
                     layers_saved=1.0 - mean_exit / num_layers,
                     expected_speedup=num_layers / mean_exit,
                     accuracy_drop=full_depth[-1] - accuracy,
+                    early_exit_agreement=agreement,
                 )
             )
     return CalibrationTable(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--version", default=None)
     report.add_argument("--store", type=Path, default=Path("store"))
     report.add_argument("--all-speeds", action="store_true", help="every calibrated speed, not a selection")
+    recal = sub.add_parser(
+        "recalibrate", help="re-sweep a version's calibration on the dev split; saves a new version"
+    )
+    recal.add_argument("name")
+    recal.add_argument("--version", default=None)
+    recal.add_argument("--store", type=Path, default=Path("store"))
+    recal.add_argument(
+        "--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv with text,label"
+    )
+    recal.add_argument(
+        "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
+    )
     return parser
 
 
@@ -116,6 +129,8 @@ def _default_settings(args: argparse.Namespace) -> TrainSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library modules report progress through logging; on the command line it reads like plain output.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         return _run(args)
     except (DataError, ModelStoreError, FileNotFoundError, ValueError) as e:
@@ -193,4 +208,24 @@ def _run(args: argparse.Namespace) -> int:
         saved = manifest.model_copy(update={"files": {}})
         print(format_report(TrainReport(path, saved, test, timings_s={}), all_speeds=args.all_speeds))
         return 0
+    if args.command == "recalibrate":
+        from model_store.training.pipeline import recalibrate
+
+        path = recalibrate(args.store, args.name, args.version, args.data, args.data_dir)
+        print(f"recalibrated {args.name}: saved {path}")
+        print(json.dumps(read_manifest_summary(path), indent=2))
+        return 0
     raise AssertionError(args.command)
+
+
+def read_manifest_summary(path: Path) -> dict[str, object]:
+    """Default setting and size of a saved version, for the command line."""
+    from model_store.store import read_manifest
+
+    manifest = read_manifest(path)
+    return {
+        "version": manifest.version,
+        "default_criterion": str(manifest.default_criterion),
+        "default_speed": manifest.default_speed,
+        "num_calibration_points": len(manifest.calibration.points) if manifest.calibration else 0,
+    }

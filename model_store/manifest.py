@@ -36,6 +36,13 @@ class CalibrationPoint(BaseModel):
     accuracy_drop: float | None = Field(
         default=None, description="full-depth accuracy minus this accuracy (positive = worse)"
     )
+    early_exit_agreement: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="among rows that left before the last layer, the share whose answer equals full "
+        "depth's (what the live accuracy guard measures; none when no row left early)",
+    )
 
 
 class CalibrationTable(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from model_store.store import ModelStore
 from model_store.training.features import TokenizedSet, collect_ramp_logits, tokenize_examples
 from model_store.training.loop import seed_everything
 from model_store.training.recipes import Budget, train_recipe
+
+logger = logging.getLogger(__name__)
 
 MINILM = "minilm"  # the packaged all-MiniLM-L6-v2
 REPORT_SPEEDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
@@ -125,11 +128,10 @@ def run_training(settings: TrainSettings) -> TrainReport:
     seed_everything(settings.seed)
     t = time.perf_counter()
     splits: DataSplits = load_data(settings.data, settings.cache_dir)
-    print(
-        f"data {splits.source}: train {len(splits.train)}, dev {len(splits.dev)}, test {len(splits.test)} "
-        f"({splits.stats})",
-        flush=True,
-    )
+    logger.info(
+        "data %s: train %d, dev %d, test %d (%s)",
+        splits.source, len(splits.train), len(splits.dev), len(splits.test), splits.stats,
+    )  # fmt: skip
     base_dir = resolve_base(settings.base)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     train, dev, test = (
@@ -150,7 +152,7 @@ def run_training(settings: TrainSettings) -> TrainReport:
     chosen = pick_default(table)
     ids, mask = dev.batch(list(range(min(NUM_VERIFY_ROWS, len(dev)))))
     num_checked = verify_simulation(model, ids, mask, dev_logits[: ids.shape[0]], speeds=(0.0, 0.5, 0.9))
-    print(f"simulation equals reference.early_exit_forward on {num_checked} row decisions", flush=True)
+    logger.info("simulation equals reference.early_exit_forward on %d row decisions", num_checked)
     t = lap("calibrate", t)
 
     test_logits = _logits(model, test, "evaluate (test)", settings)
@@ -233,3 +235,44 @@ def format_report(report: TrainReport, all_speeds: bool = False) -> str:
     if report.timings_s:
         lines += ["", "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items())]
     return "\n".join(lines)
+
+
+def recalibrate(
+    store_dir: Path,
+    name: str,
+    version: str | None,
+    data: str = "spamassassin",
+    cache_dir: Path = Path(".cache"),
+    batch_size: int = 32,
+    show_progress: bool = True,
+) -> Path:
+    """Re-sweep a saved version's calibration on the dev split and save it as a new version.
+
+    Weights and tokenizer are copied as they are; the table, the default criterion and speed are
+    measured again (e.g. after the calibration format gained a column, or on fresher data).
+    """
+    store = ModelStore(store_dir)
+    loaded = store.load(name, version)
+    manifest = loaded.manifest
+    splits = load_data(data, cache_dir)
+    if list(splits.labels) != list(manifest.labels):
+        raise ValueError(f"data labels {splits.labels} differ from the model's {manifest.labels}")
+    dev = tokenize_examples(loaded.tokenizer, splits.dev, splits.labels, manifest.max_seq_length)
+    with tqdm(total=len(dev), desc="calibrate (dev)", unit="row", disable=not show_progress) as bar:
+        dev_logits = collect_ramp_logits(loaded.model, dev, batch_size, progress=bar)
+    table = calibrate(dev_logits, dev.labels, split="dev")
+    chosen = pick_default(table)
+    provenance = manifest.provenance.model_copy(
+        update={"recalibrated_from": manifest.version, "recalibration_data": splits.source}
+    )
+    updated = manifest.model_copy(
+        update={
+            "version": store.next_version(name),
+            "calibration": table,
+            "default_criterion": chosen.criterion,
+            "default_speed": chosen.speed,
+            "provenance": provenance,
+            "files": {},
+        }
+    )
+    return store.save(loaded.model, loaded.tokenizer, updated)

@@ -91,6 +91,33 @@ def test_table_values_on_hand_made_logits() -> None:
     )
     assert pick_default(table) == by_speed[0.5]
     assert "| normalized_entropy | 0.50 | 100.00 | +0.00 | 1.50 | 25.0 | 1.33x |" in format_table(table)
+    # Agreement of early exits with full depth: none leave at speed 0; at 0.5 rows 0-1 leave and agree;
+    # at 1.0 all four leave after layer 1 and rows 2-3 disagree with layer 2.
+    assert by_speed[0.0].early_exit_agreement is None
+    assert by_speed[0.5].early_exit_agreement == 1.0
+    assert by_speed[1.0].early_exit_agreement == 0.5
+
+
+def test_recalibrate_saves_a_new_version_with_agreement(tmp_path: Path) -> None:
+    import json
+
+    from model_store.training.pipeline import recalibrate
+    from tests.tiny_models import save_tiny_store
+
+    store = save_tiny_store(tmp_path / "store", labels=("a", "b", "c"))
+    rows = [{"text": f"example number {i} " + "word " * (i % 7), "label": "abc"[i % 3]} for i in range(90)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = recalibrate(store.root, "tiny", None, data=str(data), show_progress=False)
+    assert path == store.root / "tiny" / "2"
+    recalibrated = store.load("tiny", "2")
+    assert recalibrated.manifest.provenance.model_dump()["recalibrated_from"] == "1"
+    assert recalibrated.manifest.calibration is not None
+    agreements = [p.early_exit_agreement for p in recalibrated.manifest.calibration.points if p.speed == 1.0]
+    assert all(a is not None and 0.0 <= a <= 1.0 for a in agreements)
+    original = store.load("tiny", "1")
+    for name, tensor in original.model.state_dict().items():
+        assert torch.equal(tensor, recalibrated.model.state_dict()[name])
 
 
 def test_pick_default_takes_the_fastest_within_half_a_point() -> None:
