@@ -130,7 +130,18 @@ def _default_settings(args: argparse.Namespace) -> TrainSettings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Library modules report progress through logging; on the command line it reads like plain output.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_logger = logging.getLogger("model_store")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    try:
+        return _main(args)
+    finally:
+        package_logger.removeHandler(handler)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (DataError, ModelStoreError, FileNotFoundError, ValueError) as e:
