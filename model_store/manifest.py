@@ -36,6 +36,11 @@ class CalibrationPoint(BaseModel):
     accuracy_drop: float | None = Field(
         default=None, description="full-depth accuracy minus this accuracy (positive = worse)"
     )
+    accuracy_drop_upper: float | None = Field(
+        default=None,
+        description="one-sided 95 % upper confidence bound of accuracy_drop (paired: rows where the "
+        "early answer and the full-depth answer differ in correctness); targets are resolved on it",
+    )
     early_exit_agreement: float | None = Field(
         default=None,
         ge=0.0,
@@ -54,6 +59,13 @@ class CalibrationTable(BaseModel):
     full_depth_accuracy: float = Field(ge=0.0, le=1.0)
     per_layer_accuracy: list[float] = Field(default_factory=list, description="ramp k at index k-1")
     points: list[CalibrationPoint] = Field(default_factory=list)
+
+
+def conservative_drop(table: CalibrationTable, point: CalibrationPoint) -> float:
+    """A point's accuracy drop as a fraction: its upper confidence bound when known, else the estimate."""
+    if point.accuracy_drop_upper is not None:
+        return point.accuracy_drop_upper
+    return table.full_depth_accuracy - point.accuracy
 
 
 class Provenance(BaseModel):

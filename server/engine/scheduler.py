@@ -133,6 +133,7 @@ class Scheduler:
         self._waiting: deque[RowSpec] = deque()
         self._shadow_waiting: deque[RowSpec] = deque()
         self.num_shadow_dropped = 0
+        self._dropped_shadow_ids: list[int] = []
         self._arrival_s: dict[int, float] = {}
         self._rows: dict[int, RowSpec] = {}  # every live row, waiting or in a cohort
         self._cohorts: dict[int, _Cohort] = {}
@@ -165,6 +166,11 @@ class Scheduler:
         self._shadow_waiting.append(row)
         self._rows[row.row_id] = row
         return True
+
+    def take_dropped_shadow_rows(self) -> list[int]:
+        """Ids of shadow rows dropped under load since the last call (their owner forgets them)."""
+        dropped, self._dropped_shadow_ids = self._dropped_shadow_ids, []
+        return dropped
 
     def cancel_request(self, request_id: int) -> int:
         """Drop every row of a request: waiting rows now, in-flight rows before the next compute."""
@@ -219,6 +225,7 @@ class Scheduler:
             self.num_shadow_dropped += len(self._shadow_waiting)
             for row in self._shadow_waiting:
                 self._forget(row.row_id)
+                self._dropped_shadow_ids.append(row.row_id)
             self._shadow_waiting.clear()
         groups = self._groups()
         if not groups:

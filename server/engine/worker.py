@@ -344,6 +344,11 @@ class Engine:
                     self._mark_started(plan)
                     self._busy_since_s = self._clock()
                 runner = self._runner
+                shed = self._scheduler.take_dropped_shadow_rows()
+                for row_id in shed:
+                    self._shadow_of.pop(row_id, None)
+            if shed:  # shadow rows shed under load
+                self._observer.guard_dropped(len(shed))
             self._expire(decision)
             if plan is None:
                 continue
@@ -450,7 +455,7 @@ class Engine:
         if self._scheduler.add_shadow_row(shadow):
             self._shadow_of[shadow.row_id] = (row_exit.label_index, options.speed, options.speed_is_default)
         else:
-            self._observer.guard_dropped(1)
+            self._observer.guard_dropped(1)  # the shadow cap is reached
 
     def _record_shadow(self, row: RowSpec, row_exit: RowExit) -> None:
         meta = self._shadow_of.pop(row.row_id, None)

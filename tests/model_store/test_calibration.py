@@ -150,3 +150,17 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     table = calibrate(logits, logits[:, -1].argmax(-1), "dev")
     path = plot_calibration(table, tmp_path / "c.png", "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_drop_upper_bound_exact() -> None:
+    from model_store.calibration import accuracy_drop_upper_bound
+
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+    full = labels.clone()
+    full[9] = 0  # full depth wrong on row 9
+    early = labels.clone()
+    early[0], early[1] = 1, 0  # early wrong on rows 0-1 (full right there): 2 worse
+    early[9] = 1  # early right where full is wrong: 1 better
+    bound = accuracy_drop_upper_bound(early, full, labels)
+    assert bound == pytest.approx((2 - 1 + 1.645 * 3**0.5) / 10)
+    assert accuracy_drop_upper_bound(full, full, labels) == 0.0  # identical answers: no drop, no doubt

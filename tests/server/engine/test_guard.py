@@ -64,6 +64,9 @@ def _saturated_run(with_shadow: bool) -> tuple[dict[int, int], list[tuple[int, i
         for row, _ in step(scheduler, runner):
             assert not row.shadow
             finished_at[row.row_id] = step_index
+    if with_shadow:  # every dropped shadow row is handed back once, so its owner can forget it
+        assert len(scheduler.take_dropped_shadow_rows()) == scheduler.num_shadow_dropped
+        assert scheduler.take_dropped_shadow_rows() == []
     real_plans = [(p.layer, p.num_rows) for p in runner.plans if not p.shadow]
     shadow_steps = sum(p.shadow for p in runner.plans)
     return finished_at, real_plans, shadow_steps, scheduler.num_shadow_dropped

@@ -78,3 +78,15 @@ def test_unreachable_targets_name_the_best_reachable_value() -> None:
         for_accuracy_drop(TABLE, float("nan"))
     with pytest.raises(InvalidRequestError, match="no calibration table"):
         for_accuracy_drop(None, 0.5)
+
+
+def test_targets_use_the_upper_bound_when_calibration_has_it() -> None:
+    # The NE 0.4 point looks 0.4 pt below full depth, but its upper bound is 0.9 pt: a 0.5 target skips it.
+    points = [
+        p.model_copy(update={"accuracy_drop_upper": 0.009}) if p.speed == 0.4 and p.criterion == NE else p
+        for p in TABLE.points
+    ]
+    table = TABLE.model_copy(update={"points": points})
+    chosen = for_accuracy_drop(table, 0.5)
+    assert (chosen.criterion, chosen.speed) == (MP, 0.4)
+    assert for_accuracy_drop(table, 1.0).speed == 0.4 and for_accuracy_drop(table, 1.0).criterion == NE
