@@ -209,24 +209,23 @@ def make_student(teacher: EarlyExitClassifier) -> EarlyExitClassifier:
     return student.eval()
 
 
-def _fastbert(
-    model: EarlyExitClassifier, data: TokenizedSet, budget: Budget, seed: int, show: bool
-) -> RecipeResult:
-    tune = _subset(data, budget.max_finetune_examples, seed)
-    stages = {"fine-tune": finetune_final(model, tune, budget, seed, show)}
-    ramp_data = _subset(data, budget.max_ramp_examples, seed + 1)
-    stages["ramps (KL to teacher)"] = train_ramps_frozen(model, ramp_data, budget, seed, show, "teacher")
-    return RecipeResult(model, stages)
+RecipeFn = Callable[[EarlyExitClassifier, TokenizedSet, Budget, int, bool], RecipeResult]
 
 
-def _deebert(
-    model: EarlyExitClassifier, data: TokenizedSet, budget: Budget, seed: int, show: bool
-) -> RecipeResult:
-    tune = _subset(data, budget.max_finetune_examples, seed)
-    stages = {"fine-tune": finetune_final(model, tune, budget, seed, show)}
-    ramp_data = _subset(data, budget.max_ramp_examples, seed + 1)
-    stages["ramps (CE)"] = train_ramps_frozen(model, ramp_data, budget, seed, show, "labels")
-    return RecipeResult(model, stages)
+def _finetune_then_ramps(ramp_target: Literal["labels", "teacher"], stage_name: str) -> RecipeFn:
+    """FastBERT / DeeBERT: fine-tune backbone + final ramp, freeze, then train the other ramps against
+    ``ramp_target`` ("teacher": KL to the final ramp's soft labels; "labels": cross-entropy)."""
+
+    def recipe(
+        model: EarlyExitClassifier, data: TokenizedSet, budget: Budget, seed: int, show: bool
+    ) -> RecipeResult:
+        tune = _subset(data, budget.max_finetune_examples, seed)
+        stages = {"fine-tune": finetune_final(model, tune, budget, seed, show)}
+        ramp_data = _subset(data, budget.max_ramp_examples, seed + 1)
+        stages[stage_name] = train_ramps_frozen(model, ramp_data, budget, seed, show, ramp_target)
+        return RecipeResult(model, stages)
+
+    return recipe
 
 
 def _joint(
@@ -251,10 +250,9 @@ def _distil(
     return RecipeResult(student, stages)
 
 
-RecipeFn = Callable[[EarlyExitClassifier, TokenizedSet, Budget, int, bool], RecipeResult]
 RECIPES: dict[str, RecipeFn] = {
-    "fastbert": _fastbert,
-    "deebert": _deebert,
+    "fastbert": _finetune_then_ramps("teacher", "ramps (KL to teacher)"),
+    "deebert": _finetune_then_ramps("labels", "ramps (CE)"),
     "joint": _joint,
     "distil": _distil,
 }
