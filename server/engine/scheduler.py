@@ -14,7 +14,7 @@ Batching modes:
 
 Shadow rows (the live accuracy guard re-runs a sample of early exits to full depth) are lowest priority:
 they never share a step with real rows, run only when no real row is runnable, are capped in number,
-and waiting shadow rows are dropped first as soon as real rows queue up. A real request arriving while
+and waiting shadow rows are shed first when a full batch of real rows is queued. A real request arriving while
 a shadow step computes waits for at most that one small step (``max_shadow_batch_size`` rows, one layer).
 
 Layers count from 1: a row at depth d has run layers 1..d; its next step runs layer d + 1.
@@ -221,7 +221,11 @@ class Scheduler:
         """Pick the next layer step, or say when to look again."""
         expired = self._drop_expired(now_s)
         dropped = self._take_cancelled()
-        if self._waiting and self._shadow_waiting:  # under load, shadow work goes first
+        # Under load (a full batch of real rows queued) waiting shadow rows are shed first. Below that they
+        # stay queued (within max_shadow_rows) for the next idle gap: they never run while a real row is
+        # runnable anyway, and shedding them at every queued real row cut 1 % sampling to ~0.4 % at 70 %
+        # load.
+        if len(self._waiting) >= self.config.max_batch_size and self._shadow_waiting:
             self.num_shadow_dropped += len(self._shadow_waiting)
             for row in self._shadow_waiting:
                 self._forget(row.row_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine.guard import AccuracyGuard, AutoAdjuster, speed_bucket
-from server.engine.scheduler import RowSpec
+from server.engine.scheduler import RowSpec, Scheduler
 from tests.server.engine.fakes import FakeRunner, add_request, make_scheduler, step
 
 
@@ -48,8 +48,8 @@ def _shadow_row(row_id: int) -> RowSpec:
     return RowSpec(row_id, 0, (1, 2, 3), criterion_code=0, threshold=0.0, max_layers=6, shadow=True)
 
 
-def _saturated_run(with_shadow: bool) -> tuple[dict[int, int], list[tuple[int, int]], int, int]:
-    """Real requests arrive every step (queue never empty); returns real rows' finishing steps."""
+def _saturated_run(with_shadow: bool) -> tuple[dict[int, int], list[tuple[int, int]], Scheduler, FakeRunner]:
+    """Real requests arrive faster than they are served (the queue only grows); shadow rows keep coming."""
     scheduler = make_scheduler(max_batch_size=4, max_shadow_rows=16)
     runner = FakeRunner({0: 6})
     finished_at: dict[int, int] = {}
@@ -64,21 +64,37 @@ def _saturated_run(with_shadow: bool) -> tuple[dict[int, int], list[tuple[int, i
         for row, _ in step(scheduler, runner):
             assert not row.shadow
             finished_at[row.row_id] = step_index
-    if with_shadow:  # every dropped shadow row is handed back once, so its owner can forget it
-        assert len(scheduler.take_dropped_shadow_rows()) == scheduler.num_shadow_dropped
-        assert scheduler.take_dropped_shadow_rows() == []
     real_plans = [(p.layer, p.num_rows) for p in runner.plans if not p.shadow]
-    shadow_steps = sum(p.shadow for p in runner.plans)
-    return finished_at, real_plans, shadow_steps, scheduler.num_shadow_dropped
+    return finished_at, real_plans, scheduler, runner
 
 
 def test_shadow_work_never_delays_foreground_under_saturated_queue() -> None:
     without, plans_without, _, _ = _saturated_run(with_shadow=False)
-    with_shadow, plans_with, shadow_steps, dropped = _saturated_run(with_shadow=True)
+    with_shadow, plans_with, scheduler, runner = _saturated_run(with_shadow=True)
     assert with_shadow == without  # every real row finished at the same step
     assert plans_with == plans_without  # the very same real steps, in the same order
-    assert shadow_steps == 0  # no spare capacity, no shadow step
-    assert dropped == 120  # and the shadow rows were dropped first
+    assert not any(p.shadow for p in runner.plans)  # no spare capacity, no shadow step
+    # Every shadow row was shed (queue full) or refused (cap) or still waits; none ran.
+    assert scheduler.num_shadow_dropped + scheduler.num_shadow_rows == 120
+    assert scheduler.num_waiting >= scheduler.config.max_batch_size  # the queue was saturated
+    shed = scheduler.take_dropped_shadow_rows()  # handed back once, so their owner can forget them
+    assert shed and len(set(shed)) == len(shed) <= scheduler.num_shadow_dropped
+    assert scheduler.take_dropped_shadow_rows() == []
+
+
+def test_shadow_rows_wait_below_a_full_queue_and_are_shed_at_a_full_one() -> None:
+    scheduler = make_scheduler(max_batch_size=4)
+    runner = FakeRunner({0: 6})
+    a, _ = add_request(scheduler, 4)
+    runner.exit_layer_by_request[a] = 6
+    step(scheduler, runner)  # a's 4 rows are in flight (the in-flight cap is one batch)
+    scheduler.add_shadow_row(_shadow_row(1000))
+    add_request(scheduler, 2)  # 2 real rows wait: less than a batch
+    step(scheduler, runner)
+    assert scheduler.num_shadow_rows == 1 and scheduler.num_shadow_dropped == 0  # kept for later
+    add_request(scheduler, 2)  # now a full batch of real rows waits: shed the shadow row
+    step(scheduler, runner)
+    assert scheduler.num_shadow_rows == 0 and scheduler.take_dropped_shadow_rows() == [1000]
 
 
 def test_shadow_runs_in_spare_capacity_and_never_shares_a_step() -> None:
