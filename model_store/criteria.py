@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from model_store.policy import CRITERION_CODES, NEVER, Criterion, threshold_for
+from model_store.policy import CRITERION_CODES, Criterion, threshold_for
 
 __all__ = [
     "CRITERION_CODES",
-    "NEVER",
     "Criterion",
     "PatienceState",
     "decide_exits",

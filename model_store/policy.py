@@ -19,8 +19,6 @@ class Criterion(StrEnum):
 # Stable integer codes so a batch can carry one criterion per row as a tensor.
 CRITERION_CODES: dict[Criterion, int] = {criterion: code for code, criterion in enumerate(Criterion)}
 
-NEVER = math.inf  # a threshold no row passes (for ">=" criteria) / every row passes (for "<" ones)
-
 
 def threshold_for(criterion: Criterion, speed: float, num_labels: int, num_layers: int) -> float:
     """The native threshold of ``criterion`` for a speed in [0, 1] (semantics: ``model_store.criteria``)."""

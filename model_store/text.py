@@ -30,29 +30,16 @@ def cut_text(text: str, max_seq_length: int) -> str:
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_seq_length: int) -> EncodedBatch:
-    """Tokenize ``texts`` (cut by characters first), truncating to ``max_seq_length`` tokens."""
-    cut = [cut_text(t, max_seq_length) for t in texts]
-    enc = tokenizer(
-        cut,
-        padding="longest",
-        truncation=True,
-        max_length=max_seq_length,
-        return_overflowing_tokens=False,
-        return_length=True,
-        return_tensors="pt",
-    )
-    num_tokens = enc["attention_mask"].sum(dim=1).tolist()
-    # A row is truncated when it filled max_seq_length and there was more text than fitted.
-    truncated = [
-        n >= max_seq_length and (len(t) > len(c) or _tokens_exceed(tokenizer, c, max_seq_length))
-        for n, t, c in zip(num_tokens, texts, cut, strict=True)
-    ]
-    return EncodedBatch(enc["input_ids"], enc["attention_mask"], num_tokens, truncated)
-
-
-def _tokens_exceed(tokenizer: PreTrainedTokenizerBase, text: str, max_seq_length: int) -> bool:
-    ids = tokenizer(text, truncation=True, max_length=max_seq_length + 1)["input_ids"]
-    return len(ids) > max_seq_length
+    """Tokenize ``texts`` exactly as the server does (``RowTokenizer``), padded on the right."""
+    rows = RowTokenizer(tokenizer, max_seq_length)(texts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    longest = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, (ids, _) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return EncodedBatch(input_ids, attention_mask, [len(ids) for ids, _ in rows], [t for _, t in rows])
 
 
 class RowTokenizer:
@@ -60,8 +47,8 @@ class RowTokenizer:
 
     Hugging Face fast tokenizers keep truncation and padding settings as mutable state on the shared
     backend, so concurrent calls with different settings race. Every call here uses one fixed setting,
-    under a lock. Overflowing chunks tell whether a text was truncated; the first chunk is exactly what
-    ``encode_texts`` gives for the text, so serving and the reference forward see the same tokens.
+    under a lock. Overflowing chunks tell whether a text was truncated. ``encode_texts`` (training,
+    calibration, the reference forward) is built on this class, so every path sees the same tokens.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> None:
