@@ -22,6 +22,7 @@ Layers count from 1: a row at depth d has run layers 1..d; its next step runs la
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -137,7 +138,10 @@ class Scheduler:
         self._arrival_s: dict[int, float] = {}
         self._rows: dict[int, RowSpec] = {}  # every live row, waiting or in a cohort
         self._cohorts: dict[int, _Cohort] = {}
-        self._cancelled: set[int] = set()  # row ids to drop at the next step
+        self._cancelled: set[int] = set()
+        self._deadlines: list[
+            tuple[float, int]
+        ] = []  # min-heap of (deadline, row id)  # row ids to drop at the next step
         self._skips: dict[int, int] = {}  # depth -> times passed over while it had rows
         self._ids = itertools.count(1)
 
@@ -154,6 +158,8 @@ class Scheduler:
             self._waiting.append(row)
             self._rows[row.row_id] = row
             self._arrival_s[row.row_id] = now_s
+            if row.deadline_s is not None:
+                heapq.heappush(self._deadlines, (row.deadline_s, row.row_id))
 
     def add_shadow_row(self, row: RowSpec) -> bool:
         """Queue a shadow row; False (and counted as dropped) when the shadow cap is reached."""
@@ -286,6 +292,7 @@ class Scheduler:
         self._arrival_s.clear()
         self._cohorts.clear()
         self._cancelled.clear()
+        self._deadlines.clear()
         self._skips.clear()
         return request_ids
 
@@ -297,7 +304,18 @@ class Scheduler:
         self._cancelled.discard(row_id)
 
     def _drop_expired(self, now_s: float) -> tuple[RowSpec, ...]:
-        expired = [r for r in self._rows.values() if r.deadline_s is not None and r.deadline_s <= now_s]
+        # A heap of deadlines, not a scan of every live row: this runs once per layer step.
+        if len(self._deadlines) > 4 * len(self._rows) + 64:  # rows that finished long before their deadline
+            self._deadlines = [
+                (r.deadline_s, r.row_id) for r in self._rows.values() if r.deadline_s is not None
+            ]
+            heapq.heapify(self._deadlines)
+        expired: list[RowSpec] = []
+        while self._deadlines and self._deadlines[0][0] <= now_s:
+            _, row_id = heapq.heappop(self._deadlines)
+            row = self._rows.get(row_id)
+            if row is not None and row_id not in self._cancelled:  # else finished or already dropped
+                expired.append(row)
         for row in expired:
             if row in self._waiting:
                 self._waiting.remove(row)

@@ -181,3 +181,14 @@ def test_fail_step_fails_only_that_steps_requests() -> None:
     runner = FakeRunner({b: 1})
     finished = step(scheduler, runner)
     assert {row.request_id for row, _ in finished} == {b}
+
+
+def test_deadline_heap_stays_bounded_by_live_rows() -> None:
+    scheduler = make_scheduler(max_batch_size=8)
+    runner = FakeRunner({})
+    for _ in range(500):  # requests that finish long before their (far) deadline
+        request_id, _ = add_request(scheduler, 1, deadline_s=3600.0)
+        runner.exit_layer_by_request[request_id] = 1
+        step(scheduler, runner)
+    assert not scheduler.has_work()
+    assert len(scheduler._deadlines) <= 65  # rebuilt from the (no) live rows, never 500
