@@ -17,9 +17,11 @@ from types import FrameType
 import uvicorn
 
 from server.api import create_app
+from server.http_protocol import ConnectionLimits, default_max_connections, protocol_class
 from server.settings import Settings, load_settings
 
 logger = logging.getLogger("exitserve")
+DRAIN_ANSWER_GRACE_S = 2
 
 
 class DrainingServer(uvicorn.Server):
@@ -37,6 +39,17 @@ class DrainingServer(uvicorn.Server):
         captured = getattr(self, "_captured_signals", None)
         if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
             captured.remove(sig)
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The HTTP connection limits of these settings (the connection cap from the open-file limit)."""
+    return ConnectionLimits(
+        request_head_timeout_s=settings.request_head_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        max_request_line_bytes=settings.max_request_line_bytes,
+        max_connections=settings.max_connections or default_max_connections(),
+    )
 
 
 def configure_logging(level: str) -> None:
@@ -75,13 +88,24 @@ def serve(settings: Settings) -> int:
         return 1
     engine_config = settings.engine_config()
     app = create_app(settings, lambda observer: Engine(loaded, engine_config, observer))
+    limits = connection_limits(settings)
+    logger.info(
+        "connections: at most %d open, request head within %g s, %d header bytes, %d header fields",
+        limits.max_connections,
+        limits.request_head_timeout_s,
+        limits.max_header_bytes,
+        limits.max_headers,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=protocol_class(limits),
         log_level=settings.log_level,
         access_log=False,  # our own access log (exitserve.access) names the route, never the body
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+        # The engine answers what is left at drain_timeout_s with 503; uvicorn waits a little longer so
+        # those answers go out before it would cancel the requests itself.
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + DRAIN_ANSWER_GRACE_S,
         timeout_keep_alive=math.ceil(settings.keep_alive_timeout_s),
         lifespan="on",
     )

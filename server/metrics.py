@@ -17,6 +17,7 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 QUEUE_WAIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS_S)
 BATCH_SIZE_BUCKETS = tuple(float(2**k) for k in range(10))  # 1, 2, 4, ..., 512
 EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
+ADMISSION_REFUSAL_REASONS = ("deadline", "queue_wait", "queue_full", "deadline_unreachable")
 Registry = CollectorRegistry  # re-exported: the rest of the codebase never imports prometheus_client
 
 # No *_created series: they double the series count and no dashboard or rule here reads them.
@@ -112,6 +113,31 @@ class ServerMetrics:
         self._default_speed = Gauge(
             f"{PREFIX}_default_speed", "Speed for requests that set none", ["model"], registry=reg
         ).labels(model)
+        # Admission by time (server/engine/scheduler.py).
+        self._admission_refused = Counter(
+            f"{PREFIX}_admission_refused",
+            "Requests refused at admission: deadline (would be answered late), queue_wait (over the "
+            "queue-wait bound), queue_full (row cap), deadline_unreachable (too much work for its deadline)",
+            ["model", "reason"],
+            registry=reg,
+        )
+        for reason in ADMISSION_REFUSAL_REASONS:
+            self._admission_refused.labels(model, reason)
+        self._deadline_dropped = Counter(
+            f"{PREFIX}_deadline_dropped_rows",
+            "Rows dropped because they could no longer meet their deadline: before_start (no compute "
+            "spent) or in_flight (compute spent in vain)",
+            ["model", "stage"],
+            registry=reg,
+        )
+        self._dropped_before_start = self._deadline_dropped.labels(model, "before_start")
+        self._dropped_in_flight = self._deadline_dropped.labels(model, "in_flight")
+        self._predicted_backlog = Gauge(
+            f"{PREFIX}_predicted_backlog_seconds",
+            "Predicted time to compute the rows waiting and in flight (what admission refuses by)",
+            ["model"],
+            registry=reg,
+        ).labels(model)
 
     # --- set-up -------------------------------------------------------------------------------------
 
@@ -193,3 +219,13 @@ class ServerMetrics:
 
     def default_speed_changed(self, speed: float) -> None:
         self._default_speed.set(speed)
+
+    def admission_refused(self, reason: str) -> None:
+        self._admission_refused.labels(self.model, reason).inc()
+
+    def deadline_dropped(self, num_before_start: int, num_in_flight: int) -> None:
+        self._dropped_before_start.inc(num_before_start)
+        self._dropped_in_flight.inc(num_in_flight)
+
+    def predicted_backlog(self, seconds: float) -> None:
+        self._predicted_backlog.set(seconds)

@@ -74,6 +74,27 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: float = Field(
         default=75.0, gt=0, description="how long an idle keep-alive connection stays open"
     )
+    # Connection hardening (server/http_protocol.py): idle or slow clients cannot hold descriptors or
+    # memory. Limits as nginx and Go's net/http set theirs.
+    request_head_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection must send a complete request head (request line + headers) within this "
+        "many seconds of opening, or of its first byte after a keep-alive pause; else it is closed (408)",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="request line plus headers, in bytes (else 431, closed)"
+    )
+    max_headers: int = Field(default=100, ge=8, description="header fields per request (else 431, closed)")
+    max_request_line_bytes: int = Field(
+        default=8192, ge=256, description="request target (URL) length in bytes (else 414, closed)"
+    )
+    max_connections: int | None = Field(
+        default=None,
+        gt=0,
+        description="open connections; at the cap the longest-idle one is closed for a new one, and with "
+        "none idle the new one gets 503; none = from the open-file limit (raised to its hard limit at start)",
+    )
 
     # --- engine -------------------------------------------------------------------------------------
     max_batch_size: int = Field(default=64, gt=0, description="rows per layer step")
@@ -85,6 +106,13 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(default=16384, gt=0, description="padded tokens per layer step")
     max_wait_ms: float = Field(default=2.0, ge=0, description="how long a lone request waits for company")
     max_queue_size: int = Field(default=1024, gt=0, description="rows waiting for admission (else 429)")
+    max_queue_wait_ms: float | None = Field(
+        default=500.0,
+        gt=0,
+        description="requests without a deadline are refused (429) when their predicted queue wait "
+        "exceeds this; requests with a deadline are refused when their predicted answer comes after it; "
+        "none = no bound",
+    )
     max_inputs_per_request: int = Field(default=256, gt=0, description="inputs per request (else 413)")
     batching: BatchingMode = Field(default=BatchingMode.REFILL, description="batching mode: refill | shrink")
     default_deadline_ms: int | None = Field(
@@ -107,12 +135,31 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "model_version", "api_key", "default_deadline_ms", "auto_adjust_target_agreement", mode="before"
+        "model_version",
+        "default_deadline_ms",
+        "auto_adjust_target_agreement",
+        "max_queue_wait_ms",
+        "max_connections",
+        mode="before",
     )
     @classmethod
     def _none_strings(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in _NONE_STRINGS:
             return None
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _real_api_key(cls, value: Any) -> Any:
+        # A key that is set must be a key: "", "none" or "changeme" would otherwise disable auth (or
+        # guard it with a guessable word) without a word. Unset the variable to run without auth.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str) and _is_placeholder_key(value):
+            raise ValueError(
+                "the API key is empty or a placeholder; set a real key, or unset EXITSERVE_API_KEY to run "
+                "without authentication"
+            )
         return value
 
     @field_validator("open_paths", "cors_origins", mode="before")
@@ -122,7 +169,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("max_wait_ms", "drain_timeout_s", "step_timeout_s")
+    @field_validator("max_wait_ms", "drain_timeout_s", "step_timeout_s", "request_head_timeout_s")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -136,6 +183,7 @@ class Settings(BaseSettings):
             max_batch_tokens=self.max_batch_tokens,
             max_wait_ms=self.max_wait_ms,
             max_queue_size=self.max_queue_size,
+            max_queue_wait_ms=self.max_queue_wait_ms,
             max_inputs_per_request=self.max_inputs_per_request,
             mode=self.batching,
             max_inflight_rows=self.max_inflight_rows,
@@ -147,6 +195,20 @@ class Settings(BaseSettings):
             auto_adjust=self.auto_adjust,
             auto_adjust_target_agreement=self.auto_adjust_target_agreement,
         )
+
+
+_PLACEHOLDER_KEYS = frozenset(
+    {"changeme", "change-me", "change_me", "secret", "password", "apikey", "api-key", "your-api-key",
+     "yourapikey", "todo", "fixme", "default", "test", "example", "placeholder", "key", "token"}
+)  # fmt: skip
+
+
+def _is_placeholder_key(key: str) -> bool:
+    """Empty, a "not set" word, an unexpanded template (``${X}``, ``<key>``), or a well-known placeholder."""
+    text = key.strip().lower()
+    if text in _NONE_STRINGS or text in _PLACEHOLDER_KEYS or len(set(text)) == 1:
+        return True
+    return text.startswith("${") or (text.startswith("<") and text.endswith(">"))
 
 
 def flag_name(field_name: str) -> str:

@@ -7,6 +7,7 @@ requests finish. uvicorn has stopped accepting connections and waited for open o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,12 +49,14 @@ def create_app(
         metrics.set_ready_function(state.is_ready)
         await engine.start()
         state.engine = engine
+        state.loop = asyncio.get_running_loop()
         logger.info("serving %s version %s (%d layers)", info.name, info.version, info.num_layers)
         try:
             yield
         finally:
-            state.begin_drain()
-            await engine.stop(drain_timeout_s=settings.drain_timeout_s)
+            drain = state.drain_engine()  # already under way when SIGTERM started the drain
+            if drain is not None:
+                await drain
             logger.info("engine stopped")
 
     app = FastAPI(

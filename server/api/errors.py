@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -151,6 +152,8 @@ def validation_error_response(error: RequestValidationError) -> JSONResponse:
     message = str(first.get("msg", "invalid value"))
     if field and not message.startswith(field):
         message = f"{field}: {message}"
+    elif field and (element := re.match(re.escape(field) + r"\[\d+\]", message)):
+        field = element.group(0)  # a check of one list element names it: "inputs[3]", not "inputs"
     return error_response(422, "invalid_request", message, field)
 
 

@@ -6,6 +6,8 @@ few function calls. The access log names method, route, status and time — neve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -54,11 +56,12 @@ class TimingMiddleware:
         start_s = time.monotonic()
         scope[REQUEST_START_KEY] = start_s
         status = 500  # if the app raises before answering, ServerErrorMiddleware answers 500
+        started = False
 
         async def timed_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 total = format_ms(time.monotonic() - start_s)
                 message = {
                     **message,
@@ -68,6 +71,13 @@ class TimingMiddleware:
 
         try:
             await self.app(scope, receive, timed_send)
+        except asyncio.CancelledError:
+            # The HTTP server gave up on this request (shutdown past its grace period): the client still
+            # gets the one error body, not the server's plain-text 500.
+            if not started:
+                with contextlib.suppress(Exception):
+                    await send_error(timed_send, 503, "not_ready", "server shutting down; retry")
+            raise
         finally:
             duration_s = time.monotonic() - start_s
             route = route_template(scope)

@@ -43,6 +43,14 @@ def check_texts(value: Any, field: str = "inputs") -> list[str]:
             raise PydanticCustomError("text_type", f"{field}[{index}] must be a string")
         if not text.strip():
             raise PydanticCustomError("text_blank", f"{field}[{index}] is empty or whitespace only")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate no tokenizer takes
+                raise PydanticCustomError(
+                    "text_unicode",
+                    f"{field}[{index}] is not valid Unicode text: lone surrogate at character {e.start}",
+                ) from None
     return texts
 
 

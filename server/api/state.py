@@ -6,6 +6,7 @@ tests drive them with a fake engine and no torch model.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -59,14 +60,28 @@ class AppState:
     engine: ServingEngine | None = None
     draining: bool = False
     started_at_s: float = field(default_factory=time.monotonic)
+    loop: asyncio.AbstractEventLoop | None = None  # the app's loop, set at start-up
+    engine_drain: asyncio.Future[None] | None = None  # the engine's stop, from the first drain signal
 
     def is_ready(self) -> bool:
         """Serving: the engine started and is ready, and the server is not draining."""
         return self.engine is not None and not self.draining and self.engine.is_ready()
 
     def begin_drain(self) -> None:
-        """From now on /readyz says 503 (called on SIGTERM, before in-flight requests finish)."""
+        """From now on /readyz says 503, and the engine drains (called on SIGTERM; safe in a signal
+        handler). The engine answers what is still in flight after ``drain_timeout_s`` with 503 and
+        drops its rows, before the HTTP server gives up on open requests."""
         self.draining = True
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.drain_engine)
+
+    def drain_engine(self) -> asyncio.Future[None] | None:
+        """Start stopping the engine (once); the future of that stop."""
+        self.draining = True
+        if self.engine is not None and self.engine_drain is None:
+            self.engine_drain = asyncio.ensure_future(self.engine.stop(self.settings.drain_timeout_s))
+        return self.engine_drain
 
     def require_engine(self) -> ServingEngine:
         """The engine, or NotReadyError (503) before start-up finished."""

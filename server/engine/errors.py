@@ -24,11 +24,16 @@ class PayloadTooLargeError(EngineError):
 
 
 class QueueFullError(EngineError):
-    """Admission refused: the queue or the in-flight cap is full (429 with Retry-After)."""
+    """Admission refused: the engine would not answer in time, or the queue is full (429, Retry-After).
 
-    def __init__(self, public_message: str, retry_after_s: float) -> None:
+    ``reason``: ``deadline`` (predicted answer after the request's deadline), ``queue_wait`` (predicted
+    queue wait over the server's bound) or ``queue_full`` (the row count cap).
+    """
+
+    def __init__(self, public_message: str, retry_after_s: float, reason: str = "queue_full") -> None:
         super().__init__(public_message)
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class DeadlineExceededError(EngineError):

@@ -17,6 +17,33 @@ they never share a step with real rows, run only when no real row is runnable, a
 and waiting shadow rows are shed first when a full batch of real rows is queued. A real request arriving while
 a shadow step computes waits for at most that one small step (``max_shadow_batch_size`` rows, one layer).
 
+Admission is by time, not by count. A request is admitted only when the engine predicts it will be
+answered in time: before its deadline, or, without one, with a queue wait under ``max_queue_wait_ms``.
+The prediction (``server/engine/admission.py``) drains the rows ahead of it (waiting, and the remaining
+layers of rows in flight) at the step cost and rows per step the engine measured on its own recent
+steps, then adds the request's own layers. A refused request gets ``QueueFullError`` (429) at once, with
+a ``Retry-After`` of the predicted backlog; a request that could not be answered in time even by an idle
+engine gets ``DeadlineExceededError`` (504) at once. At dispatch a waiting row whose expected remaining
+compute no longer fits before its deadline is dropped without being computed, and a row in flight is
+dropped as soon as even one more step could not finish in time, so no compute goes to an answer that
+would arrive late. ``max_queue_size`` still caps the queue's memory.
+
+Why this design, among the field's answers to overload:
+
+* A FIFO bounded by count (what this replaced; Triton's ``max_queue_size``) admits work whose deadline
+  has already become unreachable: at 2x load, 1,024 queued rows were ~9 s of work, every admitted row
+  expired mid-computation and goodput fell to 2 % of capacity.
+* Triton's queue policy (per-request timeouts, REJECT on timeout) and CoDel (drop when the queue's
+  sojourn time stays above a target for an interval) both act *after* a row has waited too long: the
+  waiting was the waste, and a client learns of the refusal late. Early-exit rows have a service time
+  the engine measures per layer step, so it can refuse *before* queueing, which is strictly cheaper.
+  The ``max_queue_wait_ms`` bound for deadline-less requests is CoDel's target, enforced up front.
+* Adaptive LIFO ("Fail at Scale") serves the newest requests first under overload so that some meet
+  their deadline while old ones rot. With admission by time no row rots: every admitted row is
+  predicted to finish, so FIFO stays fair and the tail stays bounded; LIFO would only reorder it.
+* Envoy's adaptive concurrency infers a concurrency limit from latency gradients because a proxy
+  cannot see its upstream's service time. This engine can, so it predicts instead of probing.
+
 Layers count from 1: a row at depth d has run layers 1..d; its next step runs layer d + 1.
 """
 
@@ -27,7 +54,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.engine.errors import QueueFullError
+from server.engine.admission import Backlog, ServiceModel
+from server.engine.errors import DeadlineExceededError, QueueFullError
 from server.engine.types import BatchingMode
 
 
@@ -60,6 +88,7 @@ class StepPlan:
     sources: dict[int, tuple[int, ...]]  # cohort id -> row ids taken from it (all at depth layer - 1)
     dropped: dict[int, tuple[int, ...]] = field(default_factory=dict)  # cohort id -> rows to discard
     shadow: bool = False  # a step of shadow rows only
+    backlogged: bool = False  # rows were still waiting: the step was as full as the caps allowed
 
     @property
     def row_ids(self) -> list[int]:
@@ -94,7 +123,8 @@ class Decision:
     """The result of one ``schedule`` call."""
 
     plan: StepPlan | None
-    expired: tuple[RowSpec, ...] = ()  # rows dropped because their deadline passed
+    expired: tuple[RowSpec, ...] = ()  # rows dropped: their deadline passed or could no longer be met
+    num_expired_in_flight: int = 0  # of those, rows that held hidden states (compute spent in vain)
     wake_at_s: float | None = None  # with no plan: when to call again at the latest (max_wait)
 
 
@@ -119,7 +149,9 @@ class SchedulerConfig:
     # unless a bigger batch is cheaper per row (GPUs): on the 2-core CPU, 4 x max_batch_size gave the same
     # throughput as shrink with a 2-5x worse p99 when saturated. None = max_batch_size.
     max_inflight_rows: int | None = None
-    queue_full_retry_after_s: float = 1.0
+    queue_full_retry_after_s: float = 1.0  # Retry-After when the count cap refuses
+    # Deadline-less requests are refused when their predicted queue wait exceeds this; None = no bound.
+    max_queue_wait_ms: float | None = 500.0
     max_shadow_rows: int = 64  # shadow rows waiting or in flight
     max_shadow_batch_size: int = 8
 
@@ -144,22 +176,109 @@ class Scheduler:
         ] = []  # min-heap of (deadline, row id)  # row ids to drop at the next step
         self._skips: dict[int, int] = {}  # depth -> times passed over while it had rows
         self._ids = itertools.count(1)
+        self.service = ServiceModel(config.max_batch_size, config.max_batch_tokens)
+        self._expected_layers: dict[int, float] = {}  # real row id -> layers it is expected to run
+        self._waiting_backlog = Backlog()
+        self._dispatch_expired: list[RowSpec] = []  # rows dropped at dispatch: could no longer finish
 
     # --- admission and cancellation ---------------------------------------------------------------
 
     def add_rows(self, rows: list[RowSpec], now_s: float) -> None:
-        """Queue a request's rows, all or none. Raises ``QueueFullError`` beyond ``max_queue_size``."""
+        """Queue a request's rows, all or none, if they can be answered in time (see the module doc).
+
+        Raises ``QueueFullError`` (over ``max_queue_size``, or predicted to miss its deadline or the
+        queue-wait bound) or ``DeadlineExceededError`` (too much work for its deadline even when idle).
+        """
         if len(self._waiting) + len(rows) > self.config.max_queue_size:
             raise QueueFullError(
                 f"queue full ({len(self._waiting)} rows waiting, limit {self.config.max_queue_size})",
-                retry_after_s=self.config.queue_full_retry_after_s,
+                retry_after_s=max(self.config.queue_full_retry_after_s, self.predicted_backlog_s()),
+                reason="queue_full",
             )
-        for row in rows:
+        expected = [
+            self.service.depth.expected_layers(r.criterion_code, r.threshold, r.max_layers) for r in rows
+        ]
+        self.check_admission(
+            num_rows=len(rows),
+            mean_tokens_per_row=sum(r.num_tokens for r in rows) / len(rows),
+            expected_layers=max(expected),
+            deadline_s=rows[0].deadline_s,
+            now_s=now_s,
+        )
+        for row, layers in zip(rows, expected, strict=True):
             self._waiting.append(row)
             self._rows[row.row_id] = row
             self._arrival_s[row.row_id] = now_s
+            self._expected_layers[row.row_id] = layers
+            self._waiting_backlog = self._waiting_backlog.plus(layers, layers * row.num_tokens)
             if row.deadline_s is not None:
                 heapq.heappush(self._deadlines, (row.deadline_s, row.row_id))
+
+    def check_admission(
+        self,
+        num_rows: int,
+        mean_tokens_per_row: float,
+        expected_layers: float,
+        deadline_s: float | None,
+        now_s: float,
+    ) -> None:
+        """Refuse a request that would not be answered in time; returns when it may be admitted.
+
+        Also usable before tokenizing, with an estimate of ``mean_tokens_per_row``: refusing then costs
+        the front end almost nothing. Until the engine has timed a few steps it admits by count only.
+        """
+        if not self.service.ready:
+            return
+        wait_s = self.predicted_backlog_s()
+        rows_in_step = min(self.config.max_batch_size, num_rows + self.num_inflight_rows + self.num_waiting)
+        # Its own rows: a chain of layer steps, or, for more rows than a step takes, a backlog of its own.
+        own_work = Backlog(num_rows * expected_layers, num_rows * expected_layers * mean_tokens_per_row)
+        own_s = max(
+            self.service.service_s(expected_layers, rows_in_step, mean_tokens_per_row),
+            self.service.drain_s(own_work),
+        )
+        if deadline_s is not None:
+            budget_s = deadline_s - now_s
+            if own_s > budget_s:
+                raise DeadlineExceededError(
+                    f"the request needs about {own_s * 1000:.0f} ms of compute, more than its deadline "
+                    f"leaves ({max(0.0, budget_s) * 1000:.0f} ms)"
+                )
+            if wait_s + own_s > budget_s:
+                raise QueueFullError(
+                    f"overloaded: predicted answer in {(wait_s + own_s) * 1000:.0f} ms, after the "
+                    f"deadline ({budget_s * 1000:.0f} ms left)",
+                    retry_after_s=wait_s,
+                    reason="deadline",
+                )
+            return
+        bound_ms = self.config.max_queue_wait_ms
+        if bound_ms is not None and wait_s * 1000.0 > bound_ms:
+            raise QueueFullError(
+                f"overloaded: predicted queue wait {wait_s * 1000:.0f} ms exceeds {bound_ms:.0f} ms",
+                retry_after_s=wait_s,
+                reason="queue_wait",
+            )
+
+    def predicted_backlog_s(self) -> float:
+        """Seconds until the rows waiting and in flight now are computed (0 before any step was timed)."""
+        if not self.service.ready:
+            return 0.0
+        return self.service.drain_s(self._backlog())
+
+    def _backlog(self) -> Backlog:
+        """Waiting rows' expected work plus the expected remaining layers of real rows in flight."""
+        backlog = self._waiting_backlog
+        for cohort in self._cohorts.values():
+            if cohort.shadow:
+                continue
+            for row_id in cohort.row_ids:
+                row = self._rows.get(row_id)
+                if row is None or cohort.depth >= row.max_layers:
+                    continue
+                remaining = max(1.0, self._expected_layers.get(row_id, row.max_layers) - cohort.depth)
+                backlog = backlog.plus(remaining, remaining * row.num_tokens)
+        return backlog
 
     def add_shadow_row(self, row: RowSpec) -> bool:
         """Queue a shadow row; False (and counted as dropped) when the shadow cap is reached."""
@@ -183,6 +302,7 @@ class Scheduler:
         num_dropped = 0
         for row in [r for r in self._waiting if r.request_id == request_id]:
             self._waiting.remove(row)
+            self._unqueued(row)
             self._forget(row.row_id)
             num_dropped += 1
         for row_id, row in self._rows.items():
@@ -225,7 +345,10 @@ class Scheduler:
 
     def schedule(self, now_s: float) -> Decision:
         """Pick the next layer step, or say when to look again."""
-        expired = self._drop_expired(now_s)
+        # A row whose deadline passes before even the cheapest step could finish is dropped now.
+        horizon_s = self.service.step_s(1, 1) if self.service.ready else 0.0
+        expired = self._drop_expired(now_s + horizon_s)
+        num_expired_in_flight = sum(1 for row in expired if row.row_id in self._cancelled)
         dropped = self._take_cancelled()
         # Under load (a full batch of real rows queued) waiting shadow rows are shed first. Below that they
         # stay queued (within max_shadow_rows) for the next idle gap: they never run while a real row is
@@ -242,30 +365,50 @@ class Scheduler:
             shadow_groups = self._shadow_groups()
             if shadow_groups:
                 depth = max(shadow_groups, key=lambda d: (shadow_groups[d], d))
-                return Decision(plan=self._plan_shadow(depth, dropped), expired=expired)
+                return Decision(self._plan_shadow(depth, dropped), expired, num_expired_in_flight)
             if dropped:  # nothing left to run, but the runner must still forget the dropped rows
                 for cohort_id in dropped:
                     self._cohorts.pop(cohort_id, None)
-                return Decision(plan=self._drop_only_plan(dropped), expired=expired)
-            return Decision(plan=None, expired=expired)
+                return Decision(self._drop_only_plan(dropped), expired, num_expired_in_flight)
+            return Decision(None, expired, num_expired_in_flight)
         depth = self._pick_depth(groups)
         if depth == 0 and self.num_inflight_rows == 0:
             wake_at_s = self._admission_wait_until(now_s)
             if wake_at_s is not None and not dropped:
-                return Decision(plan=None, expired=expired, wake_at_s=wake_at_s)
-        plan = self._plan_depth(depth, dropped)
+                return Decision(None, expired, num_expired_in_flight, wake_at_s)
+        plan = self._plan_depth(depth, dropped, now_s)
         for other in groups:
             self._skips[other] = 0 if other == depth else self._skips.get(other, 0) + 1
-        return Decision(plan=plan, expired=expired)
+        if self._dispatch_expired:
+            expired += tuple(self._dispatch_expired)
+            self._dispatch_expired.clear()
+        return Decision(plan=plan, expired=expired, num_expired_in_flight=num_expired_in_flight)
 
-    def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[tuple[RowSpec, RowExit]]:
-        """Record a step's result; returns the rows that finished, with their exits."""
+    def update_from_output(
+        self, plan: StepPlan, output: StepOutput, duration_s: float | None = None
+    ) -> list[tuple[RowSpec, RowExit]]:
+        """Record a step's result (and, given ``duration_s``, its cost); returns the finished rows."""
+        if duration_s is not None and plan.layer > 0 and plan.num_rows > 0:
+            num_real_tokens = sum(r.num_tokens for r in plan.new_rows) + sum(
+                self._rows[r].num_tokens for rows in plan.sources.values() for r in rows if r in self._rows
+            )
+            self.service.observe_step(
+                plan.num_rows,
+                num_real_tokens,
+                output.num_padded_tokens or num_real_tokens,
+                duration_s,
+                loaded=plan.backlogged,
+            )
         finished = []
         for row_exit in output.exited:
             row = self._rows.get(row_exit.row_id)
             if row is None:
                 continue
             finished.append((row, row_exit))
+            if not row.shadow:
+                self.service.depth.observe(
+                    row.criterion_code, row.threshold, row.max_layers, row_exit.exit_layer
+                )
             self._forget(row_exit.row_id)
         survivors = [r for r in output.survivors if r in self._rows]
         if survivors:
@@ -287,6 +430,9 @@ class Scheduler:
         """Forget everything (engine restart); returns the request ids that were live."""
         request_ids = {r.request_id for r in self._rows.values()}
         self._waiting.clear()
+        self._waiting_backlog = Backlog()
+        self._expected_layers.clear()
+        self._dispatch_expired.clear()
         self._shadow_waiting.clear()
         self._rows.clear()
         self._arrival_s.clear()
@@ -301,7 +447,16 @@ class Scheduler:
     def _forget(self, row_id: int) -> None:
         self._rows.pop(row_id, None)
         self._arrival_s.pop(row_id, None)
+        self._expected_layers.pop(row_id, None)
         self._cancelled.discard(row_id)
+
+    def _unqueued(self, row: RowSpec) -> None:
+        """A row left the waiting queue (started, cancelled or expired): its work is no longer ahead."""
+        layers = self._expected_layers.get(row.row_id, float(row.max_layers))
+        backlog = self._waiting_backlog.plus(-layers, -layers * row.num_tokens)
+        if not self._waiting:  # no drift from float sums: an empty queue holds no work
+            backlog = Backlog()
+        self._waiting_backlog = backlog
 
     def _drop_expired(self, now_s: float) -> tuple[RowSpec, ...]:
         # A heap of deadlines, not a scan of every live row: this runs once per layer step.
@@ -319,6 +474,7 @@ class Scheduler:
         for row in expired:
             if row in self._waiting:
                 self._waiting.remove(row)
+                self._unqueued(row)
                 self._forget(row.row_id)
             else:
                 self._cancelled.add(row.row_id)
@@ -396,20 +552,36 @@ class Scheduler:
     def _fits(self, num_rows: int, longest: int) -> bool:
         return num_rows <= self.config.max_batch_size and num_rows * longest <= self.config.max_batch_tokens
 
-    def _plan_depth(self, depth: int, dropped: dict[int, tuple[int, ...]]) -> StepPlan:
+    def _too_late_to_start(self, row: RowSpec, num_rows_in_step: int, now_s: float) -> bool:
+        """Its expected layers, in steps of this size, would end after the row's deadline."""
+        if row.deadline_s is None or not self.service.ready:
+            return False
+        layers = self._expected_layers.get(row.row_id, float(row.max_layers))
+        return now_s + self.service.service_s(layers, num_rows_in_step, row.num_tokens) > row.deadline_s
+
+    def _plan_depth(self, depth: int, dropped: dict[int, tuple[int, ...]], now_s: float) -> StepPlan:
         out_cohort_id = self.next_id()
         if depth == 0:
             new_rows: list[RowSpec] = []
             longest = 0
             room = self._admission_room()
+            num_rows_in_step = min(room, len(self._waiting))
             while self._waiting and len(new_rows) < room:
                 candidate = self._waiting[0]
+                if self._too_late_to_start(candidate, num_rows_in_step, now_s):
+                    self._waiting.popleft()
+                    self._unqueued(candidate)
+                    self._cancelled.add(candidate.row_id)  # forgotten at the next step's bookkeeping
+                    self._dispatch_expired.append(candidate)
+                    continue
                 grown = max(longest, candidate.num_tokens)
                 if new_rows and not self._fits(len(new_rows) + 1, grown):
                     break
                 new_rows.append(self._waiting.popleft())
+                self._unqueued(candidate)
                 longest = grown
-            return StepPlan(self.next_id(), 1, out_cohort_id, tuple(new_rows), {}, dropped)
+            backlogged = bool(self._waiting)
+            return StepPlan(self.next_id(), 1, out_cohort_id, tuple(new_rows), {}, dropped, False, backlogged)
 
         sources: dict[int, tuple[int, ...]] = {}
         num_rows, longest = 0, 0
@@ -431,7 +603,8 @@ class Scheduler:
                     del self._cohorts[cohort.cohort_id]
             if cohort.row_ids:
                 break  # the caps stopped us inside this cohort
-        return StepPlan(self.next_id(), depth + 1, out_cohort_id, (), sources, dropped)
+        backlogged = bool(self._waiting)
+        return StepPlan(self.next_id(), depth + 1, out_cohort_id, (), sources, dropped, False, backlogged)
 
     def _drop_only_plan(self, dropped: dict[int, tuple[int, ...]]) -> StepPlan:
         return StepPlan(self.next_id(), 0, self.next_id(), (), {}, dropped)

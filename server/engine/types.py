@@ -27,6 +27,7 @@ class EngineConfig:
     max_batch_tokens: int = 16384  # sum of padded lengths per layer step
     max_wait_ms: float = 2.0  # how long a lone request waits for company before its batch starts
     max_queue_size: int = 1024  # rows waiting for admission; beyond it: QueueFullError
+    max_queue_wait_ms: float | None = 500.0  # requests without a deadline: refused past this predicted wait
     max_inputs_per_request: int = 256
     mode: BatchingMode = BatchingMode.REFILL
     max_inflight_rows: int | None = None  # refill: rows holding hidden states; None = max_batch_size
@@ -119,6 +120,12 @@ class EngineObserver(Protocol):
 
     def default_speed_changed(self, speed: float) -> None: ...
 
+    def admission_refused(self, reason: str) -> None: ...
+
+    def deadline_dropped(self, num_before_start: int, num_in_flight: int) -> None: ...
+
+    def predicted_backlog(self, seconds: float) -> None: ...
+
 
 class NullObserver:
     """An observer that records nothing (tests, tools)."""
@@ -151,4 +158,13 @@ class NullObserver:
         pass
 
     def default_speed_changed(self, speed: float) -> None:
+        pass
+
+    def admission_refused(self, reason: str) -> None:
+        pass
+
+    def deadline_dropped(self, num_before_start: int, num_in_flight: int) -> None:
+        pass
+
+    def predicted_backlog(self, seconds: float) -> None:
         pass

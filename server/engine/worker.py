@@ -28,6 +28,7 @@ from server.engine.errors import (
     InvalidRequestError,
     NotReadyError,
     PayloadTooLargeError,
+    QueueFullError,
     RequestCancelledError,
 )
 from server.engine.guard import AccuracyGuard, AutoAdjuster, speed_bucket
@@ -95,8 +96,10 @@ class Engine:
                 max_inflight_rows=config.max_inflight_rows,
                 num_layers=self._manifest.num_layers,
                 max_shadow_rows=config.max_shadow_rows,
+                max_queue_wait_ms=config.max_queue_wait_ms,
             )
         )
+        self._tokens_per_char = 0.25  # EWMA over admitted texts: token estimate for the early refusal
         expected = expected_agreement(loaded)
         self.guard = AccuracyGuard(config.guard_sample_fraction, expected)
         self.adjuster: AutoAdjuster | None = None
@@ -184,8 +187,8 @@ class Engine:
             self._wakeup.notify_all()
         if self._watchdog is not None:
             self._watchdog.cancel()
-        for request in leftover:
-            self._fail(request, NotReadyError("server shutting down"))
+        for request in leftover:  # their rows are dropped too, not left to compute for nobody
+            self._cancel(request, NotReadyError("server shutting down: drain timeout reached"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
 
@@ -251,19 +254,77 @@ class Engine:
             )
         if options.max_layers is not None and options.max_layers < 1:
             raise InvalidRequestError("max_layers must be at least 1", field="max_layers")
-        encoded = await asyncio.to_thread(self._tokenizer, texts)
+        policy = self._policy(options)
+        self._refuse_early(texts, policy, options.deadline_s)
+        encoded = await asyncio.to_thread(self._tokenize, texts)
         if self.config.strict_length and any(truncated for _, truncated in encoded):
             index = next(i for i, (_, truncated) in enumerate(encoded) if truncated)
             raise PayloadTooLargeError(
                 f"inputs[{index}] is longer than {self._manifest.max_seq_length} tokens (strict length mode)"
             )
-        request = self._admit(encoded, options)
+        self._learn_token_ratio(texts, encoded)
+        request = self._admit(encoded, options, policy)
         return await self._await(request, is_disconnected)
 
-    def _admit(self, encoded: list[tuple[tuple[int, ...], bool]], options: ClassifyOptions) -> _Request:
+    def _policy(self, options: ClassifyOptions) -> tuple[int, float, int]:
+        """(criterion code, native threshold, max layers) of a request's rows."""
         m = self._manifest
         threshold = threshold_for(options.criterion, options.speed, len(m.labels), m.num_layers)
         max_layers = min(options.max_layers or m.num_layers, m.num_layers)
+        return CRITERION_CODES[options.criterion], threshold, max_layers
+
+    def _refuse_early(
+        self, texts: list[str], policy: tuple[int, float, int], deadline_s: float | None
+    ) -> None:
+        """Admission check before tokenizing, on estimated token counts: an overloaded engine refuses
+        for almost no CPU, leaving it to the requests it can still answer."""
+        max_tokens = self._manifest.max_seq_length
+        ratio = self._tokens_per_char
+        mean_tokens = sum(min(max_tokens, 2 + ratio * len(t)) for t in texts) / len(texts)
+        with self._lock:
+            layers = self._scheduler.service.depth.expected_layers(*policy)
+            self._checked(
+                self._scheduler.check_admission, len(texts), mean_tokens, layers, deadline_s, self._clock()
+            )
+
+    def _learn_token_ratio(self, texts: list[str], encoded: list[tuple[tuple[int, ...], bool]]) -> None:
+        num_chars = sum(len(t) for t, (_, truncated) in zip(texts, encoded, strict=True) if not truncated)
+        num_tokens = sum(len(ids) for ids, truncated in encoded if not truncated)
+        if num_chars > 0:
+            self._tokens_per_char += 0.05 * (num_tokens / num_chars - self._tokens_per_char)
+
+    def _checked(self, admit: Callable[..., None], *args: object) -> None:
+        """Run an admission call; count a refusal by its reason before it reaches the client."""
+        try:
+            admit(*args)
+        except QueueFullError as e:
+            self._observer.admission_refused(e.reason)
+            raise
+        except DeadlineExceededError:
+            self._observer.admission_refused("deadline_unreachable")
+            raise
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[tuple[int, ...], bool]]:
+        """Token ids per text; a text the tokenizer rejects is the client's error, named by index."""
+        try:
+            return self._tokenizer(texts)
+        except Exception:
+            for index, text in enumerate(texts):
+                try:
+                    self._tokenizer([text])
+                except Exception as e:
+                    raise InvalidRequestError(
+                        f"inputs[{index}] cannot be tokenized ({type(e).__name__})", field=f"inputs[{index}]"
+                    ) from None
+            raise  # no single text fails alone: a server fault, not the client's
+
+    def _admit(
+        self,
+        encoded: list[tuple[tuple[int, ...], bool]],
+        options: ClassifyOptions,
+        policy: tuple[int, float, int],
+    ) -> _Request:
+        criterion_code, threshold, max_layers = policy
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._state is not EngineState.RUNNING:
@@ -274,7 +335,7 @@ class Engine:
                     row_id=self._scheduler.next_id(),
                     request_id=request_id,
                     token_ids=ids,
-                    criterion_code=CRITERION_CODES[options.criterion],
+                    criterion_code=criterion_code,
                     threshold=threshold,
                     max_layers=max_layers,
                     deadline_s=options.deadline_s,
@@ -282,7 +343,7 @@ class Engine:
                 for ids, _ in encoded
             ]
             now_s = self._clock()
-            self._scheduler.add_rows(rows, now_s)  # raises QueueFullError
+            self._checked(self._scheduler.add_rows, rows, now_s)  # QueueFullError, DeadlineExceededError
             request = _Request(
                 request_id=request_id,
                 loop=loop,
@@ -352,6 +413,7 @@ class Engine:
             self._expire(decision)
             if plan is None:
                 continue
+            started_s = time.perf_counter()
             try:
                 output = runner.execute(plan)
             except Exception:
@@ -370,8 +432,9 @@ class Engine:
                 self._busy_since_s = None
             if plan.layer > 0:
                 self._observer.layer_step(plan.layer, plan.num_rows, output.num_padded_tokens)
+            duration_s = time.perf_counter() - started_s
             with self._lock:
-                finished = self._scheduler.update_from_output(plan, output)
+                finished = self._scheduler.update_from_output(plan, output, duration_s)
                 self._report_depths()
                 self._finish_rows(finished)
 
@@ -398,6 +461,9 @@ class Engine:
                 self._observer.queue_wait(now_s - request.admitted_s)
 
     def _expire(self, decision: Decision) -> None:
+        if decision.expired:
+            num_in_flight = decision.num_expired_in_flight
+            self._observer.deadline_dropped(len(decision.expired) - num_in_flight, num_in_flight)
         for request_id in {row.request_id for row in decision.expired}:
             request = self._requests.get(request_id)
             if request is not None:
@@ -497,6 +563,7 @@ class Engine:
 
     def _report_depths(self) -> None:
         self._observer.queue_depth(self._scheduler.num_waiting)
+        self._observer.predicted_backlog(self._scheduler.predicted_backlog_s())
 
 
 def _set_result(future: asyncio.Future[ClassifyResult], result: ClassifyResult) -> None:

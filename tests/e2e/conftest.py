@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -47,7 +47,13 @@ class ServerProcess:
             self.log_file.close()
 
 
-def start_server(store_root: Path, log_path: Path, *extra_args: str, model: str = "tiny") -> ServerProcess:
+def start_server(
+    store_root: Path,
+    log_path: Path,
+    *extra_args: str,
+    model: str = "tiny",
+    preexec_fn: Callable[[], None] | None = None,
+) -> ServerProcess:
     port = free_port()
     env = {
         **os.environ,
@@ -73,6 +79,7 @@ def start_server(store_root: Path, log_path: Path, *extra_args: str, model: str 
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=preexec_fn,
     )
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, log)
     give_up_s = time.monotonic() + 60

@@ -15,6 +15,7 @@ from model_store.reference import RowPolicies, early_exit_forward
 from model_store.store import ModelStore
 from model_store.text import encode_texts
 from tests.e2e.conftest import ServerProcess, start_server
+from tests.tiny_models import save_tiny_store
 
 WORDS = ["free", "money", "offer", "meeting", "agenda", "click", "now", "winner", "lunch", "invoice", "team"]
 SPEEDS = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0]
@@ -105,3 +106,38 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_store: ModelStore, 
         raise AssertionError("server still accepting after exit")
     except httpx.TransportError:
         pass
+
+
+def test_drain_overrun_answers_leftovers_with_json_503_and_exits_zero(tmp_path) -> None:
+    # A compute-bound model and big requests: at SIGTERM + 1 s (the drain timeout) most are unfinished.
+    save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
+    running = start_server(
+        tmp_path / "store", tmp_path / "server.log",
+        "--drain-timeout-s", "1", "--max-batch-size", "4", "--max-queue-wait-ms", "none",
+    )  # fmt: skip
+    jobs = [{"inputs": ["word " * 120] * 32, "speed": 0.0} for _ in range(8)]
+
+    async def scenario() -> tuple[list[httpx.Response | BaseException], int, float]:
+        async with httpx.AsyncClient(base_url=running.base_url, timeout=60) as client:
+            tasks = [asyncio.create_task(client.post("/v1/classify", json=job)) for job in jobs]
+            await asyncio.sleep(0.5)  # requests are in flight
+            running.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            answered_s = time.monotonic() - signalled
+            code = await asyncio.to_thread(running.terminate, 60)
+            return results, code, answered_s
+
+    results, code, answered_s = asyncio.run(scenario())
+    assert code == 0, running.log()
+    assert all(isinstance(r, httpx.Response) for r in results), results
+    responses = [r for r in results if isinstance(r, httpx.Response)]
+    leftovers = [r for r in responses if r.status_code != 200]
+    assert leftovers, "the drain timeout must cut some requests short for this test to mean anything"
+    for response in leftovers:
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["type"] == "not_ready"
+    assert answered_s < 1.0 + 2.0  # at the drain timeout, not when uvicorn would give up
+    log = running.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log

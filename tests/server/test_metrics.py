@@ -35,6 +35,10 @@ METRIC_FAMILIES = {
     "exitserve_guard_dropped": "counter",
     "exitserve_guard_expected_agreement": "gauge",
     "exitserve_default_speed": "gauge",
+    # admission by time (server/engine/scheduler.py)
+    "exitserve_admission_refused": "counter",
+    "exitserve_deadline_dropped_rows": "counter",
+    "exitserve_predicted_backlog_seconds": "gauge",
 }
 
 

@@ -122,3 +122,34 @@ def test_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
     for name in Settings.model_fields:
         assert flag_name(name) in out, name
         assert f"EXITSERVE_{name.upper()}" in out.replace("\n", "").replace(" ", ""), name
+
+
+@pytest.mark.parametrize(
+    "value", ["", "  ", "none", "NULL", "changeme", "${API_KEY}", "<your-key>", "xxxxxxxx"]
+)
+def test_empty_or_placeholder_api_key_is_refused_at_start_up(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EXITSERVE_API_KEY", value)
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "EXITSERVE_API_KEY" in err and "placeholder" in err
+    with pytest.raises(SystemExit):  # the flag too
+        load_settings(["--api-key", value])
+
+
+def test_unset_api_key_means_no_auth_and_a_real_key_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings([]).api_key is None
+    monkeypatch.setenv("EXITSERVE_API_KEY", "k-93f0c2a1")
+    key = load_settings([]).api_key
+    assert key is not None and key.get_secret_value() == "k-93f0c2a1"
+
+
+def test_admission_and_connection_defaults() -> None:
+    s = load_settings([])
+    assert s.max_queue_wait_ms == 500.0 and s.engine_config().max_queue_wait_ms == 500.0
+    assert load_settings(["--max-queue-wait-ms", "none"]).max_queue_wait_ms is None
+    assert (s.request_head_timeout_s, s.max_header_bytes, s.max_headers) == (10.0, 32768, 100)
+    assert (s.max_request_line_bytes, s.max_connections) == (8192, None)

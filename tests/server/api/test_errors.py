@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -25,11 +26,11 @@ CLASSIFY = "/v1/classify"
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"inputs": ""}, "inputs"),
-        ({"inputs": "   \n\t"}, "inputs"),
+        ({"inputs": ""}, "inputs[0]"),
+        ({"inputs": "   \n\t"}, "inputs[0]"),
         ({"inputs": []}, "inputs"),
-        ({"inputs": ["ok", " "]}, "inputs"),
-        ({"inputs": ["ok", 3]}, "inputs"),
+        ({"inputs": ["ok", " "]}, "inputs[1]"),
+        ({"inputs": ["ok", 3]}, "inputs[1]"),
         ({"inputs": 3}, "inputs"),
         ({"inputs": None}, "inputs"),
         ({}, "inputs"),
@@ -52,6 +53,37 @@ async def test_validation_422_names_the_field(served: Served, body: dict[str, ob
     message = assert_error(response, 422, "invalid_request", field)
     assert field in message
     assert served.engine.calls == []
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        (rb'{"inputs": "\ud800"}', "inputs[0]"),  # a lone surrogate: valid JSON, but no text
+        (rb'{"inputs": ["ok", "caf\udfff!"]}', "inputs[1]"),
+    ],
+)
+async def test_lone_surrogate_is_a_422_naming_the_input(
+    served: Served, content: bytes, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        response = await served.client.post(
+            CLASSIFY, content=content, headers={"content-type": "application/json"}
+        )
+    message = assert_error(response, 422, "invalid_request", field)
+    assert message.startswith(f"{field} is not valid Unicode text")
+    assert served.engine.calls == []
+    # A client error is one access-log line: no traceback, nothing at warning or above.
+    assert [r.levelno for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+async def test_lone_surrogate_on_v2_is_a_422(served: Served) -> None:
+    content = rb'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["\ud800"]}]}'
+    response = await served.client.post(
+        "/v2/models/fake/infer", content=content, headers={"content-type": "application/json"}
+    )
+    message = assert_error(response, 422, "invalid_request", "inputs[0].data")
+    assert "inputs[0].data[0] is not valid Unicode text" in message
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])

@@ -1,0 +1,156 @@
+"""Admission by time: what a layer step costs, how deep rows go, and when a request would be answered.
+
+Pure Python (no torch, fastapi or prometheus_client): the scheduler owns one :class:`ServiceModel` and
+asks it, for every request it is offered, when that request would be answered given the rows already
+ahead of it. The scheduler's docstring says why admission works this way; this module only measures and
+predicts.
+
+* **Step cost.** A layer step's wall time is fitted as ``fixed_s + per_token_s * padded_tokens`` by
+  exponentially weighted least squares over the recent steps (a few dozen). Both terms matter: on a CPU
+  the per-token term dominates, on a GPU a step below ~64 rows is launch-bound (the fixed term).
+* **Rows per step under load.** When rows were waiting at a step, the step ran as full as the engine
+  could make it; the weighted mean of those steps' row counts says how many rows a step serves while a
+  backlog drains (fewer than ``max_batch_size`` when deep layers are left with the stragglers of an
+  early-exit mix).
+* **Depth.** How many layers a row runs depends on its exit policy; the mean exit layer is learned per
+  (criterion, threshold, max_layers) from the rows that finished. Unknown policies count as full depth,
+  so a prediction errs towards refusing, never towards admitting a request that cannot be answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_STEPS_FOR_FIT = 4  # before this many steps the engine has no cost estimate and admits by count only
+MAX_POLICIES = 256  # (criterion, threshold, max_layers) keys whose depth is learned; others: full depth
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Work queued or in flight, in row-layers (one row through one layer) and token-layers."""
+
+    row_layers: float = 0.0
+    token_layers: float = 0.0
+
+    def plus(self, row_layers: float, token_layers: float) -> Backlog:
+        return Backlog(self.row_layers + row_layers, self.token_layers + token_layers)
+
+
+class StepCostModel:
+    """``step_s(padded_tokens)`` fitted on recent steps (exponentially weighted least squares)."""
+
+    def __init__(self, decay: float = 0.97) -> None:
+        self._decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self.num_steps = 0
+
+    def observe(self, num_padded_tokens: int, duration_s: float) -> None:
+        d = self._decay
+        x, y = float(num_padded_tokens), duration_s
+        self._w = d * self._w + 1.0
+        self._x = d * self._x + x
+        self._y = d * self._y + y
+        self._xx = d * self._xx + x * x
+        self._xy = d * self._xy + x * y
+        self.num_steps += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.num_steps >= MIN_STEPS_FOR_FIT
+
+    def coefficients(self) -> tuple[float, float]:
+        """(fixed_s, per_token_s), both >= 0. Steps all of one size fit a line through the origin."""
+        if self._w == 0.0 or self._x == 0.0:
+            return (self._y / self._w if self._w else 0.0), 0.0
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        var_x = self._xx / self._w - mean_x * mean_x
+        if var_x <= 1e-9 * mean_x * mean_x:
+            return 0.0, mean_y / mean_x
+        slope = (self._xy / self._w - mean_x * mean_y) / var_x
+        intercept = mean_y - slope * mean_x
+        if slope < 0.0:  # noise: no evidence that size matters; charge the mean step
+            return mean_y, 0.0
+        if intercept < 0.0:
+            return 0.0, mean_y / mean_x
+        return intercept, slope
+
+    def step_s(self, num_padded_tokens: float) -> float:
+        fixed_s, per_token_s = self.coefficients()
+        return fixed_s + per_token_s * num_padded_tokens
+
+
+class DepthModel:
+    """Mean number of layers a row runs, per exit policy, learned from finished rows."""
+
+    def __init__(self, alpha: float = 0.05) -> None:
+        self._alpha = alpha
+        self._mean: dict[tuple[int, float, int], float] = {}
+
+    @staticmethod
+    def _key(criterion_code: int, threshold: float, max_layers: int) -> tuple[int, float, int]:
+        return criterion_code, round(threshold, 3), max_layers
+
+    def expected_layers(self, criterion_code: int, threshold: float, max_layers: int) -> float:
+        return self._mean.get(self._key(criterion_code, threshold, max_layers), float(max_layers))
+
+    def observe(self, criterion_code: int, threshold: float, max_layers: int, num_layers_run: int) -> None:
+        key = self._key(criterion_code, threshold, max_layers)
+        mean = self._mean.get(key)
+        if mean is None:
+            if len(self._mean) < MAX_POLICIES:
+                self._mean[key] = float(num_layers_run)
+            return
+        self._mean[key] = mean + self._alpha * (num_layers_run - mean)
+
+
+class ServiceModel:
+    """Predicts how long work takes on this engine, from what its steps measured."""
+
+    def __init__(self, max_rows_per_step: int, max_tokens_per_step: int) -> None:
+        self.cost = StepCostModel()
+        self.depth = DepthModel()
+        self._max_rows_per_step = max_rows_per_step
+        self._max_tokens_per_step = max_tokens_per_step
+        self._loaded_rows_per_step: float | None = None  # EWMA of rows per step while rows were waiting
+        self._pad_ratio = 1.0  # EWMA of padded / real tokens per step
+
+    @property
+    def ready(self) -> bool:
+        return self.cost.ready
+
+    def observe_step(
+        self, num_rows: int, num_real_tokens: int, num_padded_tokens: int, duration_s: float, loaded: bool
+    ) -> None:
+        """One layer step ran; ``loaded``: rows were waiting, so it was as full as the engine made it."""
+        self.cost.observe(num_padded_tokens, duration_s)
+        if num_real_tokens > 0 and num_padded_tokens >= num_real_tokens:
+            self._pad_ratio += 0.05 * (num_padded_tokens / num_real_tokens - self._pad_ratio)
+        if loaded:
+            previous = self._loaded_rows_per_step
+            self._loaded_rows_per_step = (
+                float(num_rows) if previous is None else previous + 0.05 * (num_rows - previous)
+            )
+
+    def rows_per_step(self, mean_tokens_per_row: float) -> float:
+        """Rows one step serves while a backlog drains."""
+        if self._loaded_rows_per_step is not None:
+            return max(1.0, self._loaded_rows_per_step)
+        by_tokens = self._max_tokens_per_step / max(1.0, mean_tokens_per_row * self._pad_ratio)
+        return max(1.0, min(float(self._max_rows_per_step), by_tokens))
+
+    def drain_s(self, backlog: Backlog) -> float:
+        """Seconds until the engine has computed ``backlog``, running steps as full as it does under load."""
+        if backlog.row_layers <= 0.0:
+            return 0.0
+        fixed_s, per_token_s = self.cost.coefficients()
+        rows_per_step = self.rows_per_step(backlog.token_layers / backlog.row_layers)
+        num_steps = backlog.row_layers / rows_per_step
+        return num_steps * fixed_s + per_token_s * backlog.token_layers * self._pad_ratio
+
+    def step_s(self, num_rows: float, mean_tokens_per_row: float) -> float:
+        """One layer step of ``num_rows`` rows of ``mean_tokens_per_row`` tokens."""
+        return self.cost.step_s(num_rows * mean_tokens_per_row * self._pad_ratio)
+
+    def service_s(self, num_layers: float, num_rows_in_step: float, mean_tokens_per_row: float) -> float:
+        """How long ``num_layers`` steps take once a row started, in steps of ``num_rows_in_step`` rows."""
+        return num_layers * self.step_s(num_rows_in_step, mean_tokens_per_row)
