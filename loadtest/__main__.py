@@ -13,7 +13,7 @@ from loadtest.generator import LoadSettings, run_load_sync
 from loadtest.machine import now_iso
 from loadtest.progress import stderr_progress
 from loadtest.report import describe_target, run_document, write_json
-from loadtest.safety import NotLoopbackError
+from loadtest.safety import NotLoopbackError, require_loopback
 from loadtest.servers import ServerStartError
 
 
@@ -111,6 +111,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(options)
 
 
+def cmd_overload(args: argparse.Namespace) -> int:
+    from loadtest.overload import OverloadOptions, run_overload
+
+    signal.signal(signal.SIGTERM, _interrupt)  # the server it started is stopped
+    if args.url is not None:
+        require_loopback(args.url)
+    options = OverloadOptions(
+        store=Path(args.store),
+        model=args.model,
+        url=args.url,
+        out_dir=Path(args.out_dir),
+        factors=tuple(float(f) for f in args.factors.split(",")),
+        deadline_modes=tuple(
+            None if d.strip().lower() == "none" else int(d) for d in args.deadlines_ms.split(",")
+        ),
+        duration_s=args.duration_s,
+        capacity_s=args.capacity_s,
+        recovery_s=args.recovery_s,
+        num_words=args.num_words,
+        server_args=tuple(args.server_arg),
+    )
+    document = run_overload(options)
+    print(f"capacity {document['capacity']['rps']} req/s -> {options.out_dir / 'overload.json'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from loadtest.bench import write_outputs
 
@@ -162,6 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--name", default="tiny-1layer")
     tiny.add_argument("--max-seq-length", type=int, default=128)
     tiny.set_defaults(func=cmd_make_tiny)
+
+    overload = sub.add_parser(
+        "overload", help="goodput at 1.2-2x capacity with the server's defaults (RELIABILITY.md)"
+    )
+    overload.add_argument("--store", default="store")
+    overload.add_argument("--model", default="spam-minilm")
+    overload.add_argument("--url", default=None, help="a running loopback server instead of starting one")
+    overload.add_argument("--out-dir", default="bench-out")
+    overload.add_argument("--factors", default="1.2,1.5,2", help="offered load as multiples of capacity")
+    overload.add_argument(
+        "--deadlines-ms", default="1000,none", help="deadline_ms per request per scenario; none = no deadline"
+    )
+    overload.add_argument("--duration-s", type=float, default=60.0, help="seconds of overload per scenario")
+    overload.add_argument("--capacity-s", type=float, default=15.0)
+    overload.add_argument("--recovery-s", type=float, default=5.0)
+    overload.add_argument("--num-words", type=int, default=40, help="texts cut to this many words")
+    overload.add_argument(
+        "--server-arg", action="append", default=[], help="extra server flag (repeat); none = the defaults"
+    )
+    overload.set_defaults(func=cmd_overload)
 
     report = sub.add_parser("report", help="re-draw plots and BENCHMARKS.md from a bench output dir")
     report.add_argument("--out-dir", default="bench-out")

@@ -51,12 +51,18 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from server.engine.admission import Backlog, ServiceModel
 from server.engine.errors import DeadlineExceededError, QueueFullError
 from server.engine.types import BatchingMode
+
+# Admission refuses when the predicted answer, stretched by this factor, would be late: step costs on a
+# shared machine wander, and a request refused at once costs less than one dropped after queueing.
+ADMISSION_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,6 @@ class StepPlan:
     sources: dict[int, tuple[int, ...]]  # cohort id -> row ids taken from it (all at depth layer - 1)
     dropped: dict[int, tuple[int, ...]] = field(default_factory=dict)  # cohort id -> rows to discard
     shadow: bool = False  # a step of shadow rows only
-    backlogged: bool = False  # rows were still waiting: the step was as full as the caps allowed
 
     @property
     def row_ids(self) -> list[int]:
@@ -180,11 +185,13 @@ class Scheduler:
         self._expected_layers: dict[int, float] = {}  # real row id -> layers it is expected to run
         self._waiting_backlog = Backlog()
         self._dispatch_expired: list[RowSpec] = []  # rows dropped at dispatch: could no longer finish
+        self._computing: StepPlan | None = None  # the plan handed out and not yet reported back
 
     # --- admission and cancellation ---------------------------------------------------------------
 
-    def add_rows(self, rows: list[RowSpec], now_s: float) -> None:
-        """Queue a request's rows, all or none, if they can be answered in time (see the module doc).
+    def add_rows(self, rows: list[RowSpec], now_s: float) -> float:
+        """Queue a request's rows, all or none, if they can be answered in time (see the module doc);
+        returns the predicted seconds until its answer (0 before any step was timed).
 
         Raises ``QueueFullError`` (over ``max_queue_size``, or predicted to miss its deadline or the
         queue-wait bound) or ``DeadlineExceededError`` (too much work for its deadline even when idle).
@@ -198,7 +205,7 @@ class Scheduler:
         expected = [
             self.service.depth.expected_layers(r.criterion_code, r.threshold, r.max_layers) for r in rows
         ]
-        self.check_admission(
+        predicted_s = self.check_admission(
             num_rows=len(rows),
             mean_tokens_per_row=sum(r.num_tokens for r in rows) / len(rows),
             expected_layers=max(expected),
@@ -213,6 +220,7 @@ class Scheduler:
             self._waiting_backlog = self._waiting_backlog.plus(layers, layers * row.num_tokens)
             if row.deadline_s is not None:
                 heapq.heappush(self._deadlines, (row.deadline_s, row.row_id))
+        return predicted_s
 
     def check_admission(
         self,
@@ -221,37 +229,45 @@ class Scheduler:
         expected_layers: float,
         deadline_s: float | None,
         now_s: float,
-    ) -> None:
-        """Refuse a request that would not be answered in time; returns when it may be admitted.
+    ) -> float:
+        """Refuse a request that would not be answered in time; else the predicted seconds until its
+        answer (unstretched by the margin; 0 before any step was timed).
 
         Also usable before tokenizing, with an estimate of ``mean_tokens_per_row``: refusing then costs
         the front end almost nothing. Until the engine has timed a few steps it admits by count only.
         """
         if not self.service.ready:
-            return
-        wait_s = self.predicted_backlog_s()
-        rows_in_step = min(self.config.max_batch_size, num_rows + self.num_inflight_rows + self.num_waiting)
-        # Its own rows: a chain of layer steps, or, for more rows than a step takes, a backlog of its own.
-        own_work = Backlog(num_rows * expected_layers, num_rows * expected_layers * mean_tokens_per_row)
-        own_s = max(
-            self.service.service_s(expected_layers, rows_in_step, mean_tokens_per_row),
-            self.service.drain_s(own_work),
-        )
+            return 0.0
+        scale = self.service.correction
+        ahead = self._backlog()
+        own = Backlog.of_rows(num_rows, expected_layers, mean_tokens_per_row)
+        predicted_s = scale * self.service.drain_s(ahead + own)
+        wait_s = ADMISSION_MARGIN * scale * self.service.drain_s(ahead)
         if deadline_s is not None:
             budget_s = deadline_s - now_s
-            if own_s > budget_s:
+            alone_s = scale * self.service.drain_s(own)
+            if alone_s > budget_s:
                 raise DeadlineExceededError(
-                    f"the request needs about {own_s * 1000:.0f} ms of compute, more than its deadline "
+                    f"the request needs about {alone_s * 1000:.0f} ms of compute, more than its deadline "
                     f"leaves ({max(0.0, budget_s) * 1000:.0f} ms)"
                 )
-            if wait_s + own_s > budget_s:
+            # Queued behind the rows ahead, in cohorts sized to the deadline; then a whole cohort of its
+            # own: its rows share every step with the cohort's others.
+            cohort = self.service.cohort_rows(budget_s, expected_layers, mean_tokens_per_row)
+            own_rows = max(num_rows, math.ceil(cohort))
+            own_cohort = Backlog.of_rows(own_rows, expected_layers, mean_tokens_per_row)
+            predicted_s = scale * (
+                self.service.drain_s(ahead, rows_per_step=cohort)
+                + self.service.drain_s(own_cohort, rows_per_step=cohort)
+            )
+            if ADMISSION_MARGIN * predicted_s > budget_s:
                 raise QueueFullError(
-                    f"overloaded: predicted answer in {(wait_s + own_s) * 1000:.0f} ms, after the "
-                    f"deadline ({budget_s * 1000:.0f} ms left)",
+                    f"overloaded: predicted answer in {predicted_s * 1000:.0f} ms, after the deadline "
+                    f"({budget_s * 1000:.0f} ms left)",
                     retry_after_s=wait_s,
                     reason="deadline",
                 )
-            return
+            return predicted_s
         bound_ms = self.config.max_queue_wait_ms
         if bound_ms is not None and wait_s * 1000.0 > bound_ms:
             raise QueueFullError(
@@ -259,26 +275,45 @@ class Scheduler:
                 retry_after_s=wait_s,
                 reason="queue_wait",
             )
+        return predicted_s
 
     def predicted_backlog_s(self) -> float:
         """Seconds until the rows waiting and in flight now are computed (0 before any step was timed)."""
         if not self.service.ready:
             return 0.0
-        return self.service.drain_s(self._backlog())
+        return self.service.correction * self.service.drain_s(self._backlog())
 
     def _backlog(self) -> Backlog:
-        """Waiting rows' expected work plus the expected remaining layers of real rows in flight."""
-        backlog = self._waiting_backlog
-        for cohort in self._cohorts.values():
-            if cohort.shadow:
+        """Waiting rows' expected work plus that of the rows in flight."""
+        return self._waiting_backlog + self._inflight_backlog()[0]
+
+    def _inflight_backlog(self) -> tuple[Backlog, float]:
+        """The expected remaining layers of real rows in flight (in a cohort, or in the step being
+        computed), and the earliest of their deadlines (inf if none has one)."""
+        backlog, earliest_s = Backlog(), math.inf
+        for row_id, depth in self._inflight_depths():
+            row = self._rows.get(row_id)
+            if row is None or depth >= row.max_layers:
                 continue
-            for row_id in cohort.row_ids:
-                row = self._rows.get(row_id)
-                if row is None or cohort.depth >= row.max_layers:
-                    continue
-                remaining = max(1.0, self._expected_layers.get(row_id, row.max_layers) - cohort.depth)
-                backlog = backlog.plus(remaining, remaining * row.num_tokens)
-        return backlog
+            remaining = max(1.0, self._expected_layers.get(row_id, row.max_layers) - depth)
+            backlog = backlog.plus(remaining, remaining * row.num_tokens, remaining)
+            if row.deadline_s is not None and row_id not in self._cancelled:
+                earliest_s = min(earliest_s, row.deadline_s)
+        return backlog, earliest_s
+
+    def _inflight_depths(self) -> Iterator[tuple[int, int]]:
+        """(row id, layers done) of every real row holding hidden states."""
+        for cohort in self._cohorts.values():
+            if not cohort.shadow:
+                for row_id in cohort.row_ids:
+                    yield row_id, cohort.depth
+        plan = self._computing
+        if plan is not None and not plan.shadow:
+            for row in plan.new_rows:
+                yield row.row_id, 0
+            for rows in plan.sources.values():
+                for row_id in rows:
+                    yield row_id, plan.layer - 1
 
     def add_shadow_row(self, row: RowSpec) -> bool:
         """Queue a shadow row; False (and counted as dropped) when the shadow cap is reached."""
@@ -345,6 +380,11 @@ class Scheduler:
 
     def schedule(self, now_s: float) -> Decision:
         """Pick the next layer step, or say when to look again."""
+        decision = self._decide(now_s)
+        self._computing = decision.plan
+        return decision
+
+    def _decide(self, now_s: float) -> Decision:
         # A row whose deadline passes before even the cheapest step could finish is dropped now.
         horizon_s = self.service.step_s(1, 1) if self.service.ready else 0.0
         expired = self._drop_expired(now_s + horizon_s)
@@ -360,7 +400,13 @@ class Scheduler:
                 self._forget(row.row_id)
                 self._dropped_shadow_ids.append(row.row_id)
             self._shadow_waiting.clear()
-        groups = self._groups()
+        starting = self._rows_to_start(now_s)
+        if self._dispatch_expired:
+            expired += tuple(self._dispatch_expired)
+            self._dispatch_expired.clear()
+        groups = self.cohort_depths()
+        if starting:
+            groups[0] = len(starting)
         if not groups:
             shadow_groups = self._shadow_groups()
             if shadow_groups:
@@ -371,33 +417,33 @@ class Scheduler:
                     self._cohorts.pop(cohort_id, None)
                 return Decision(self._drop_only_plan(dropped), expired, num_expired_in_flight)
             return Decision(None, expired, num_expired_in_flight)
-        depth = self._pick_depth(groups)
+        depth = self._pick_depth(groups, self._earliest_deadlines(starting))
         if depth == 0 and self.num_inflight_rows == 0:
             wake_at_s = self._admission_wait_until(now_s)
             if wake_at_s is not None and not dropped:
                 return Decision(None, expired, num_expired_in_flight, wake_at_s)
-        plan = self._plan_depth(depth, dropped, now_s)
+        if depth == 0:
+            for row in starting:  # they are the queue's head, in order
+                self._waiting.popleft()
+                self._unqueued(row)
+            plan = StepPlan(self.next_id(), 1, self.next_id(), tuple(starting), {}, dropped)
+        else:
+            plan = self._plan_depth(depth, dropped)
         for other in groups:
             self._skips[other] = 0 if other == depth else self._skips.get(other, 0) + 1
-        if self._dispatch_expired:
-            expired += tuple(self._dispatch_expired)
-            self._dispatch_expired.clear()
-        return Decision(plan=plan, expired=expired, num_expired_in_flight=num_expired_in_flight)
+        return Decision(plan, expired, num_expired_in_flight)
 
     def update_from_output(
         self, plan: StepPlan, output: StepOutput, duration_s: float | None = None
     ) -> list[tuple[RowSpec, RowExit]]:
         """Record a step's result (and, given ``duration_s``, its cost); returns the finished rows."""
+        self._computing = None
         if duration_s is not None and plan.layer > 0 and plan.num_rows > 0:
             num_real_tokens = sum(r.num_tokens for r in plan.new_rows) + sum(
                 self._rows[r].num_tokens for rows in plan.sources.values() for r in rows if r in self._rows
             )
             self.service.observe_step(
-                plan.num_rows,
-                num_real_tokens,
-                output.num_padded_tokens or num_real_tokens,
-                duration_s,
-                loaded=plan.backlogged,
+                num_real_tokens, output.num_padded_tokens or num_real_tokens, duration_s
             )
         finished = []
         for row_exit in output.exited:
@@ -419,6 +465,7 @@ class Scheduler:
 
     def fail_step(self, plan: StepPlan) -> set[int]:
         """The runner raised on ``plan``: forget its rows; returns the request ids that must fail."""
+        self._computing = None
         failed = {self._rows[r].request_id for r in plan.row_ids if r in self._rows}
         for row_id in plan.row_ids:
             self._forget(row_id)
@@ -433,6 +480,7 @@ class Scheduler:
         self._waiting_backlog = Backlog()
         self._expected_layers.clear()
         self._dispatch_expired.clear()
+        self._computing = None
         self._shadow_waiting.clear()
         self._rows.clear()
         self._arrival_s.clear()
@@ -496,14 +544,6 @@ class Scheduler:
             self._forget(row_id)
         return dropped
 
-    def _groups(self) -> dict[int, int]:
-        """Depth -> rows runnable at that depth (0 = waiting rows that may be admitted now)."""
-        groups = self.cohort_depths()
-        room = self._admission_room()
-        if self._waiting and room > 0:
-            groups[0] = min(len(self._waiting), room)
-        return groups
-
     def _admission_room(self) -> int:
         """How many waiting rows may start now."""
         if self.config.mode is BatchingMode.SHRINK:
@@ -535,11 +575,34 @@ class Scheduler:
                 del self._cohorts[cohort.cohort_id]
         return StepPlan(self.next_id(), depth + 1, self.next_id(), (), sources, dropped, shadow=True)
 
-    def _pick_depth(self, groups: dict[int, int]) -> int:
-        starving = [d for d in groups if self._skips.get(d, 0) >= self._max_skips]
+    def _pick_depth(self, groups: dict[int, int], earliest_s: dict[int, float]) -> int:
+        """The depth to run next: the one holding the earliest deadline (earliest deadline first, the
+        order that meets the most deadlines on one machine), else the one with the most rows. A depth
+        in flight passed over ``max_skips`` times runs regardless, so rows without a deadline progress.
+        """
+        # Only rows holding hidden states can starve; waiting rows start once theirs is the earliest
+        # deadline or the biggest group (groups in flight only shrink).
+        starving = [d for d in groups if d > 0 and self._skips.get(d, 0) >= self._max_skips]
         if starving:
             return max(starving, key=lambda d: (self._skips.get(d, 0), d))
+        if earliest_s:
+            return min(groups, key=lambda d: (earliest_s.get(d, math.inf), -groups[d], -d))
         return max(groups, key=lambda d: (min(groups[d], self.config.max_batch_size), d))
+
+    def _earliest_deadlines(self, starting: list[RowSpec]) -> dict[int, float]:
+        """Depth -> the earliest deadline among its runnable rows (depths without deadlines left out)."""
+        earliest: dict[int, float] = {}
+        for cohort in self._cohorts.values():
+            if cohort.shadow:
+                continue
+            for row_id in cohort.row_ids:
+                row = self._rows.get(row_id)
+                if row is not None and row.deadline_s is not None:
+                    earliest[cohort.depth] = min(earliest.get(cohort.depth, math.inf), row.deadline_s)
+        for row in starting:
+            if row.deadline_s is not None:
+                earliest[0] = min(earliest.get(0, math.inf), row.deadline_s)
+        return earliest
 
     def _admission_wait_until(self, now_s: float) -> float | None:
         """With an idle engine, a small batch waits up to max_wait_ms for company."""
@@ -552,37 +615,9 @@ class Scheduler:
     def _fits(self, num_rows: int, longest: int) -> bool:
         return num_rows <= self.config.max_batch_size and num_rows * longest <= self.config.max_batch_tokens
 
-    def _too_late_to_start(self, row: RowSpec, num_rows_in_step: int, now_s: float) -> bool:
-        """Its expected layers, in steps of this size, would end after the row's deadline."""
-        if row.deadline_s is None or not self.service.ready:
-            return False
-        layers = self._expected_layers.get(row.row_id, float(row.max_layers))
-        return now_s + self.service.service_s(layers, num_rows_in_step, row.num_tokens) > row.deadline_s
-
-    def _plan_depth(self, depth: int, dropped: dict[int, tuple[int, ...]], now_s: float) -> StepPlan:
+    def _plan_depth(self, depth: int, dropped: dict[int, tuple[int, ...]]) -> StepPlan:
+        """The next layer for rows in flight at ``depth`` (>= 1), oldest cohorts first."""
         out_cohort_id = self.next_id()
-        if depth == 0:
-            new_rows: list[RowSpec] = []
-            longest = 0
-            room = self._admission_room()
-            num_rows_in_step = min(room, len(self._waiting))
-            while self._waiting and len(new_rows) < room:
-                candidate = self._waiting[0]
-                if self._too_late_to_start(candidate, num_rows_in_step, now_s):
-                    self._waiting.popleft()
-                    self._unqueued(candidate)
-                    self._cancelled.add(candidate.row_id)  # forgotten at the next step's bookkeeping
-                    self._dispatch_expired.append(candidate)
-                    continue
-                grown = max(longest, candidate.num_tokens)
-                if new_rows and not self._fits(len(new_rows) + 1, grown):
-                    break
-                new_rows.append(self._waiting.popleft())
-                self._unqueued(candidate)
-                longest = grown
-            backlogged = bool(self._waiting)
-            return StepPlan(self.next_id(), 1, out_cohort_id, tuple(new_rows), {}, dropped, False, backlogged)
-
         sources: dict[int, tuple[int, ...]] = {}
         num_rows, longest = 0, 0
         # Oldest cohorts first, so a cohort split by the batch caps keeps its older rows moving.
@@ -603,8 +638,54 @@ class Scheduler:
                     del self._cohorts[cohort.cohort_id]
             if cohort.row_ids:
                 break  # the caps stopped us inside this cohort
-        backlogged = bool(self._waiting)
-        return StepPlan(self.next_id(), depth + 1, out_cohort_id, (), sources, dropped, False, backlogged)
+        return StepPlan(self.next_id(), depth + 1, out_cohort_id, (), sources, dropped)
+
+    def _rows_to_start(self, now_s: float) -> list[RowSpec]:
+        """The waiting rows that may start at layer 1 now: the queue's head, within the batch and
+        in-flight caps. Not removed from the queue: that happens if this depth is chosen.
+
+        With step costs measured, a row starts only if everything in flight plus it is predicted to be
+        computed before its deadline (else it can never be answered in time: dropped here, no compute
+        spent) and before the earliest deadline of the rows already in flight (else it waits: starting
+        it would make them late). So the head of the queue competes with the depths in flight only with
+        the rows that can really start: on a CPU, where a step costs about the same per row whatever its
+        size, trickling rows into many small cohorts would cost a third of the throughput (measured at
+        2x load) for nothing.
+        """
+        room = self._admission_room()
+        if room <= 0 or not self._waiting:
+            return []
+        timed = self.service.ready
+        inflight, earliest_s = self._inflight_backlog() if timed else (Backlog(), math.inf)
+        starting: list[RowSpec] = []
+        doomed: list[RowSpec] = []
+        longest = 0
+        for candidate in self._waiting:
+            if len(starting) >= room:
+                break
+            grown = max(longest, candidate.num_tokens)
+            if starting and not self._fits(len(starting) + 1, grown):
+                break
+            if timed:
+                layers = self._expected_layers.get(candidate.row_id, float(candidate.max_layers))
+                with_it = inflight + Backlog.of_rows(1, layers, candidate.num_tokens)
+                finish_s = now_s + self.service.correction * self.service.drain_s(with_it)
+                if candidate.deadline_s is not None and finish_s > candidate.deadline_s:
+                    doomed.append(candidate)
+                    continue
+                if finish_s > earliest_s and (starting or inflight.row_layers > 0):
+                    break
+                inflight = with_it
+                if candidate.deadline_s is not None:
+                    earliest_s = min(earliest_s, candidate.deadline_s)
+            starting.append(candidate)
+            longest = grown
+        for row in doomed:
+            self._waiting.remove(row)
+            self._unqueued(row)
+            self._cancelled.add(row.row_id)  # forgotten at the next step's bookkeeping
+            self._dispatch_expired.append(row)
+        return starting
 
     def _drop_only_plan(self, dropped: dict[int, tuple[int, ...]]) -> StepPlan:
         return StepPlan(self.next_id(), 0, self.next_id(), (), {}, dropped)

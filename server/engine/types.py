@@ -28,6 +28,7 @@ class EngineConfig:
     max_wait_ms: float = 2.0  # how long a lone request waits for company before its batch starts
     max_queue_size: int = 1024  # rows waiting for admission; beyond it: QueueFullError
     max_queue_wait_ms: float | None = 500.0  # requests without a deadline: refused past this predicted wait
+    calibrate_step_cost: bool = True  # time a few synthetic steps at start-up (admission predicts with them)
     max_inputs_per_request: int = 256
     mode: BatchingMode = BatchingMode.REFILL
     max_inflight_rows: int | None = None  # refill: rows holding hidden states; None = max_batch_size

@@ -65,6 +65,7 @@ class _Request:
     row_ids: list[int]
     truncated: list[bool]
     admitted_s: float
+    predicted_answer_s: float = 0.0  # what admission foresaw (it learns from the difference)
     outcomes: dict[int, RowOutcome] = field(default_factory=dict)
     first_step_s: float | None = None
 
@@ -99,7 +100,14 @@ class Engine:
                 max_queue_wait_ms=config.max_queue_wait_ms,
             )
         )
+        # The manifest's tables as JSON, once: dumping them cost ~0.35 ms per request.
+        self._calibration_json = (
+            loaded.manifest.calibration.model_dump(mode="json") if loaded.manifest.calibration else None
+        )
+        self._provenance_json = loaded.manifest.provenance.model_dump(mode="json")
         self._tokens_per_char = 0.25  # EWMA over admitted texts: token estimate for the early refusal
+        if config.calibrate_step_cost:
+            self._calibrate_step_cost()
         expected = expected_agreement(loaded)
         self.guard = AccuracyGuard(config.guard_sample_fraction, expected)
         self.adjuster: AutoAdjuster | None = None
@@ -122,6 +130,39 @@ class Engine:
         self._busy_since_s: float | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.num_restarts = 0
+
+    def _calibrate_step_cost(self) -> None:
+        """Time a few layer steps of synthetic rows (1 to a full batch, short and long) so admission
+        predicts from the first request on; this also warms the kernels up. About a second on a CPU."""
+        m = self._manifest
+        max_rows = self.config.max_batch_size
+        lengths = sorted({min(16, m.max_seq_length), min(64, m.max_seq_length)})
+        sizes = sorted({1, max(1, max_rows // 4), max_rows})
+        token_id = int(self._runner.pad_token_id) + 1
+        torch.set_grad_enabled(False)
+        for num_tokens in lengths:
+            for num_rows in sizes:
+                num_rows = min(num_rows, max(1, self.config.max_batch_tokens // num_tokens))
+                rows = tuple(
+                    RowSpec(self._scheduler.next_id(), 0, (token_id,) * num_tokens, 0, 0.0, m.num_layers)
+                    for _ in range(num_rows)
+                )
+                for _ in range(2):
+                    cohort_id = self._scheduler.next_id()
+                    plan = StepPlan(self._scheduler.next_id(), 1, cohort_id, rows, {})
+                    started_s = time.perf_counter()
+                    output = self._runner.execute(plan)
+                    duration_s = time.perf_counter() - started_s
+                    self._scheduler.service.observe_step(
+                        num_rows * num_tokens, output.num_padded_tokens, duration_s
+                    )
+                    self._runner.reset()
+        fixed_s, per_token_s = self._scheduler.service.cost.coefficients()
+        logger.info(
+            "layer step cost: %.2f ms + %.2f us per padded token (admission predicts with it)",
+            fixed_s * 1000.0,
+            per_token_s * 1e6,
+        )
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -212,8 +253,8 @@ class Engine:
             max_seq_length=m.max_seq_length,
             default_criterion=m.default_criterion,
             default_speed=self.default_speed,
-            calibration=m.calibration.model_dump(mode="json") if m.calibration else None,
-            provenance=m.provenance.model_dump(mode="json"),
+            calibration=self._calibration_json,
+            provenance=self._provenance_json,
             live_guard=self._live_guard(),
         )
 
@@ -293,10 +334,10 @@ class Engine:
         if num_chars > 0:
             self._tokens_per_char += 0.05 * (num_tokens / num_chars - self._tokens_per_char)
 
-    def _checked(self, admit: Callable[..., None], *args: object) -> None:
-        """Run an admission call; count a refusal by its reason before it reaches the client."""
+    def _checked(self, admit: Callable[..., float], *args: object) -> float:
+        """Run an admission call (its predicted answer seconds); count a refusal by its reason."""
         try:
-            admit(*args)
+            return admit(*args)
         except QueueFullError as e:
             self._observer.admission_refused(e.reason)
             raise
@@ -343,7 +384,7 @@ class Engine:
                 for ids, _ in encoded
             ]
             now_s = self._clock()
-            self._checked(self._scheduler.add_rows, rows, now_s)  # QueueFullError, DeadlineExceededError
+            predicted_s = self._checked(self._scheduler.add_rows, rows, now_s)  # may refuse
             request = _Request(
                 request_id=request_id,
                 loop=loop,
@@ -352,6 +393,7 @@ class Engine:
                 row_ids=[r.row_id for r in rows],
                 truncated=[t for _, t in encoded],
                 admitted_s=now_s,
+                predicted_answer_s=predicted_s,
             )
             self._requests[request_id] = request
             for index, row in enumerate(rows):
@@ -537,6 +579,7 @@ class Engine:
 
     def _complete(self, request: _Request) -> None:
         now_s = self._clock()
+        self._scheduler.service.observe_answer(request.predicted_answer_s, now_s - request.admitted_s)
         started_s = request.first_step_s if request.first_step_s is not None else now_s
         result = ClassifyResult(
             rows=[request.outcomes[i] for i in range(len(request.row_ids))],

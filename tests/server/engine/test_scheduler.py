@@ -128,9 +128,11 @@ def test_inflight_cap_limits_admission() -> None:
     for _ in range(5):
         step(scheduler, runner)
         assert scheduler.num_inflight_rows <= 6
-    # b got only the 2 rows of room left by a's 4; the rest waits until rows leave.
-    assert scheduler.num_inflight_rows == 6
-    assert scheduler.num_waiting == 2
+    # a's 4 rows are in flight; the 2 rows of room left do not trickle b in as a 2-row cohort while a
+    # bigger one is in flight: b waits until its startable group is the biggest.
+    assert scheduler.num_inflight_rows == 4
+    assert scheduler.num_waiting == 4
+    assert [p.layer for p in runner.plans] == [1, 2, 3, 4, 5]
 
 
 def test_queue_full_refuses_whole_request() -> None:
