@@ -15,9 +15,11 @@ predicts.
 * **Depth.** How many layers a row runs depends on its exit policy; the mean exit layer is learned per
   (criterion, threshold, max_layers) from the rows that finished. Unknown policies count as full depth,
   so a prediction errs towards refusing, never towards admitting a request that cannot be answered.
-* **Correction.** The ratio of measured to predicted answer time of admitted requests (EWMA) scales
-  every prediction: what the step model does not see (the front end's work competing for the
-  interpreter, the order the scheduler really runs depths in) is measured instead of modelled.
+* **Correction.** The ratio of measured to predicted answer time of admitted requests (EWMA, missed
+  deadlines included) scales every prediction when it is above 1: what the step model does not see
+  (the front end's work competing for the interpreter, the order the scheduler really runs depths in)
+  is measured instead of modelled. Below 1 it is ignored: a model that is pessimistic on average still
+  has a tail, and letting the mean shrink the margin turned 3 % of requests into late 504s at 1.5x.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 MIN_STEPS_FOR_FIT = 4  # before this many steps the engine has no cost estimate and admits by count only
 MAX_POLICIES = 256  # (criterion, threshold, max_layers) keys whose depth is learned; others: full depth
 MIN_PREDICTION_TO_LEARN_S = 0.05
-MIN_CORRECTION, MAX_CORRECTION = 0.7, 3.0
+MIN_CORRECTION, MAX_CORRECTION = 1.0, 3.0  # the step model is trusted as a lower bound only
 COHORT_SHARE = 0.5  # of a deadline's budget, for the cohort a row runs in (see ServiceModel.cohort_rows)
 
 
@@ -134,7 +136,7 @@ class ServiceModel:
         self._pad_ratio = 1.0  # EWMA of padded / real tokens per step
         # EWMA of (measured / predicted) answer time of admitted requests: what the step model misses
         # (front-end work competing for the interpreter, the order steps really run in) is learned here.
-        self.correction = 1.0
+        self.correction = MIN_CORRECTION
 
     @property
     def ready(self) -> bool:

@@ -644,13 +644,13 @@ class Scheduler:
         """The waiting rows that may start at layer 1 now: the queue's head, within the batch and
         in-flight caps. Not removed from the queue: that happens if this depth is chosen.
 
-        With step costs measured, a row starts only if everything in flight plus it is predicted to be
-        computed before its deadline (else it can never be answered in time: dropped here, no compute
-        spent) and before the earliest deadline of the rows already in flight (else it waits: starting
-        it would make them late). So the head of the queue competes with the depths in flight only with
-        the rows that can really start: on a CPU, where a step costs about the same per row whatever its
-        size, trickling rows into many small cohorts would cost a third of the throughput (measured at
-        2x load) for nothing.
+        With step costs measured, a row starts only if everything in flight plus it is predicted (with
+        the admission margin) to be computed before its deadline (else it can never be answered in
+        time: dropped here, no compute spent) and before the earliest deadline of the rows already in
+        flight (else it waits: starting it would make them late). The head of the queue competes with
+        the depths in flight only with the rows that can really start: trickling rows into many small
+        cohorts pays every step's fixed cost for few rows (a third of the throughput at 2x load on the
+        2-core CPU).
         """
         room = self._admission_room()
         if room <= 0 or not self._waiting:
@@ -669,7 +669,7 @@ class Scheduler:
             if timed:
                 layers = self._expected_layers.get(candidate.row_id, float(candidate.max_layers))
                 with_it = inflight + Backlog.of_rows(1, layers, candidate.num_tokens)
-                finish_s = now_s + self.service.correction * self.service.drain_s(with_it)
+                finish_s = now_s + ADMISSION_MARGIN * self.service.correction * self.service.drain_s(with_it)
                 if candidate.deadline_s is not None and finish_s > candidate.deadline_s:
                     doomed.append(candidate)
                     continue

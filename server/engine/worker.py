@@ -424,6 +424,11 @@ class Engine:
     def _cancel(self, request: _Request, error: EngineError) -> None:
         with self._lock:
             self._scheduler.cancel_request(request.request_id)
+            if isinstance(error, DeadlineExceededError) and request.request_id in self._requests:
+                # A missed deadline teaches admission too (the answer would have come later still):
+                # learning only from the answered would never see the predictions that failed.
+                elapsed_s = self._clock() - request.admitted_s
+                self._scheduler.service.observe_answer(request.predicted_answer_s, elapsed_s)
             self._wakeup.notify()
         self._fail(request, error)
 

@@ -13,13 +13,13 @@ import re
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from loadtest.overload import OverloadOptions, measure
 from model_store.store import ModelStore
 from tests.e2e.conftest import ServerProcess, save_tiny_store, start_server
 
@@ -88,123 +88,36 @@ WORDS = ["spam", "ham", "offer", "team", "lunch", "invoice", "meeting", "winner"
 TEXTS = [" ".join(random.Random(i).choice(WORDS) for _ in range(100)) for i in range(50)]
 
 
-async def _closed_loop(client: httpx.AsyncClient, duration_s: float, concurrency: int) -> tuple[int, float]:
-    done = 0
-    stop_at = time.monotonic() + duration_s
-
-    async def worker(i: int) -> None:
-        nonlocal done
-        while time.monotonic() < stop_at:
-            # Capacity is measured without the server's 1 s default deadline: a slow answer still counts.
-            body = {"inputs": TEXTS[i % len(TEXTS)], "speed": 0.0, "deadline_ms": 60_000}
-            response = await client.post("/v1/classify", json=body)
-            assert response.status_code == 200, response.text
-            done += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return done, done / (time.monotonic() - started)
-
-
-Outcome = tuple[object, float, float]  # status (or the client error's name), client s, server-measured s
-
-
-async def _open_loop(client: httpx.AsyncClient, rate_per_s: float, duration_s: float) -> list[Outcome]:
-    rng = random.Random(7)
-    outcomes: list[Outcome] = []
-
-    async def one(i: int) -> None:
-        started = time.monotonic()
-        try:
-            response = await client.post("/v1/classify", json={"inputs": TEXTS[i % len(TEXTS)], "speed": 0.0})
-            server_s = float(response.headers.get("X-Total-Time-Ms", "nan")) / 1000.0
-            outcomes.append((response.status_code, time.monotonic() - started, server_s))
-        except httpx.HTTPError as e:  # a lost or hung request
-            outcomes.append((type(e).__name__, time.monotonic() - started, float("nan")))
-
-    tasks = []
-    stop_at = time.monotonic() + duration_s
-    next_at = time.monotonic()
-    i = 0
-    while next_at < stop_at:
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        tasks.append(asyncio.create_task(one(i)))
-        i += 1
-        next_at += rng.expovariate(rate_per_s)
-    await asyncio.gather(*tasks)
-    return outcomes
-
-
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-
-
 @pytest.mark.slow
-def test_overload_at_twice_capacity_loses_nothing(tmp_path: Path) -> None:
-    store = save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
-    server = start_server(
-        tmp_path / "store", tmp_path / "server.log",
-        "--max-queue-size", "32", "--max-batch-size", "8", "--default-deadline-ms", str(DEADLINE_MS),
-        "--log-level", "warning",
-    )  # fmt: skip
-    del store
-
-    async def scenario() -> dict[str, object]:
-        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
-        async with httpx.AsyncClient(
-            base_url=server.base_url, timeout=10 * DEADLINE_MS / 1000, limits=limits
-        ) as client:
-            _, capacity = await _closed_loop(client, duration_s=3.0, concurrency=16)
-            offered_rate = 2 * capacity
-            overload_s = 8.0
-            outcomes = await _open_loop(client, offered_rate, overload_s)
-            load_stopped = time.monotonic()
-            # Recovery: how long until a request is answered at normal speed again.
-            while time.monotonic() - load_stopped < 30.0:  # bounded: a server that never recovers fails
-                started = time.monotonic()
-                response = await client.post("/v1/classify", json={"inputs": TEXTS[0], "speed": 0.0})
-                if response.status_code == 200 and time.monotonic() - started < 0.25:
-                    break
-            recovery_s = time.monotonic() - load_stopped
-            _, capacity_after = await _closed_loop(client, duration_s=3.0, concurrency=16)
-        statuses = Counter(str(status) for status, _, _ in outcomes)
-        accepted_client = [client_s for status, client_s, _ in outcomes if status == 200]
-        accepted_server = [server_s for status, _, server_s in outcomes if status == 200]
-        return {
-            "capacity_req_per_s": round(capacity, 1),
-            "offered_req_per_s": round(offered_rate, 1),
-            "overload_duration_s": overload_s,
-            "requests_offered": len(outcomes),
-            "answered_by_status": dict(sorted(statuses.items())),
-            "lost": sum(n for s, n in statuses.items() if not s.isdigit()),
-            # The deadline runs from when the server reads the request; time before that (the client's
-            # loop, socket buffers on a saturated 2-core box shared with the client) is reported beside it.
-            "p99_accepted_server_ms": round(1000 * _p99(accepted_server), 1) if accepted_server else None,
-            "p99_accepted_client_ms": round(1000 * _p99(accepted_client), 1) if accepted_client else None,
-            "deadline_ms": DEADLINE_MS,
-            "recovery_s": round(recovery_s, 2),
-            "capacity_after_req_per_s": round(capacity_after, 1),
-        }
-
+def test_overload_at_twice_capacity_keeps_goodput_and_loses_nothing(tmp_path: Path) -> None:
+    """A bounded version of ``python -m loadtest overload`` (RELIABILITY.md) with the server's defaults:
+    2x capacity, open loop, with 1 s deadlines and without deadlines."""
+    save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
+    server = start_server(tmp_path / "store", tmp_path / "server.log")  # the defaults, nothing else
+    options = OverloadOptions(
+        factors=(2.0,), deadline_modes=(DEADLINE_MS, None), duration_s=8.0, capacity_s=4.0, recovery_s=3.0
+    )
     try:
-        figures = asyncio.run(scenario())
+        figures = asyncio.run(measure(options, server.base_url, TEXTS))
     finally:
         code = server.terminate()
     REPORT["overload"] = figures
     print(json.dumps(figures, indent=2))
-    statuses = figures["answered_by_status"]
-    assert isinstance(statuses, dict)
-    server_notes = "\n".join(line for line in server.log().splitlines() if "exitserve.access" not in line)
-    assert set(statuses) <= {"200", "429", "503", "504"}, f"{figures}\n{server_notes[-3000:]}"
-    assert figures["lost"] == 0
-    assert "429" in statuses or "504" in statuses, "2x capacity must shed load"
-    p99_server_ms = figures["p99_accepted_server_ms"]
-    assert isinstance(p99_server_ms, float) and p99_server_ms <= DEADLINE_MS + 50
-    assert isinstance(figures["recovery_s"], float) and figures["recovery_s"] < 5.0
-    # Loose bound: this machine's other load moves capacity by tens of percent between measurements.
-    after, before = float(figures["capacity_after_req_per_s"]), float(figures["capacity_req_per_s"])  # type: ignore[arg-type]
-    assert after >= 0.5 * before
+    capacity_rps = figures["capacity"]["rps"]
+    with_deadline, without_deadline = figures["scenarios"]
+    for scenario in (with_deadline, without_deadline):
+        assert set(scenario["statuses"]) <= {"200", "429", "503", "504"}, scenario
+        assert scenario["lost"] == 0, scenario
+        assert scenario["num_refused"] > 0, "2x capacity must be refused, not queued"
+        assert scenario["refused_with_retry_after"], scenario
+        # Refusals are fast (loose on a shared CI machine; RELIABILITY.md has the measured figures).
+        assert scenario["refused_within_50ms"] >= 0.9, scenario
+        assert scenario["recovery"]["back_to_normal_s"] is not None, scenario
+        assert scenario["recovery"]["back_to_normal_s"] <= 2.0, scenario
+    # Goodput: answers within the deadline, against the closed-loop capacity measured just before.
+    assert with_deadline["goodput_rps"] >= 0.75 * capacity_rps, figures
+    assert with_deadline["num_504"] + with_deadline["ok_late"] <= 0.1 * with_deadline["num_requests"], figures
+    assert without_deadline["goodput_rps"] >= 0.75 * capacity_rps, figures
     assert code == 0
 
 
