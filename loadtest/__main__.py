@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from dataclasses import asdict
@@ -137,6 +138,26 @@ def cmd_overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_connections(args: argparse.Namespace) -> int:
+    from loadtest.connections import ConnectionsOptions, run_connections
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    options = ConnectionsOptions(
+        store=Path(args.store),
+        model=args.model,
+        out_dir=Path(args.out_dir),
+        num_idle=args.idle,
+        num_slow=args.slow,
+        num_floods=args.floods,
+        duration_s=args.duration_s,
+        server_nofile=None if args.server_nofile.lower() == "none" else int(args.server_nofile),
+    )
+    document = run_connections(options)
+    keys = ("baseline_ms", "under_attack_ms", "p99_ratio", "rss_growth_mib", "idle")
+    print(json.dumps({k: document[k] for k in keys}, indent=2))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from loadtest.bench import write_outputs
 
@@ -208,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-arg", action="append", default=[], help="extra server flag (repeat); none = the defaults"
     )
     overload.set_defaults(func=cmd_overload)
+
+    conns = sub.add_parser(
+        "connections", help="normal requests while idle, slow and flooding clients attack (RELIABILITY.md)"
+    )
+    conns.add_argument("--store", default="store")
+    conns.add_argument("--model", default="spam-minilm")
+    conns.add_argument("--out-dir", default="bench-out")
+    conns.add_argument("--idle", type=int, default=1100, help="sockets that connect and send nothing")
+    conns.add_argument("--slow", type=int, default=50, help="clients sending a request head at 1 byte/s")
+    conns.add_argument("--floods", type=int, default=10, help="clients streaming an endless header line")
+    conns.add_argument("--duration-s", type=float, default=15.0)
+    conns.add_argument(
+        "--server-nofile", default="1024", help="the server's open-file limit; none = inherited"
+    )
+    conns.set_defaults(func=cmd_connections)
 
     report = sub.add_parser("report", help="re-draw plots and BENCHMARKS.md from a bench output dir")
     report.add_argument("--out-dir", default="bench-out")

@@ -288,16 +288,23 @@ async def measure(options: OverloadOptions, url: str, texts: Sequence[str]) -> d
         )
         num_ok = sum(o.status == "200" for o in capacity)
         capacity_rps = num_ok / max(o.done_s for o in capacity)
-        results = []
+        results: list[dict[str, Any]] = []
         for deadline_ms in options.deadline_modes:
             for factor in options.factors:
                 await asyncio.sleep(2.0)  # let the previous scenario's work finish
                 scenario = await run_scenario(client, options, texts, capacity_rps, factor, deadline_ms)
                 results.append(summarize(scenario, capacity_rps, options.duration_s))
                 print(json.dumps(results[-1]), flush=True)
+        # Capacity again at the end: on a shared machine it moves between measurements; the figures
+        # above are against the first, this one says by how much it moved.
+        await asyncio.sleep(2.0)
+        start = time.perf_counter()
+        after = await closed_loop(client, unbounded, options.capacity_concurrency, options.capacity_s, start)
+        after_rps = sum(o.status == "200" for o in after) / max(o.done_s for o in after)
         return {
             "capacity": {
                 "rps": round(capacity_rps, 1),
+                "rps_after": round(after_rps, 1),
                 "concurrency": options.capacity_concurrency,
                 "duration_s": options.capacity_s,
                 "statuses": dict(Counter(o.status for o in capacity)),

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ class ServerSpec:
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 600.0
+    preexec_fn: Callable[[], None] | None = None  # run in the child before exec (e.g. resource limits)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,12 @@ def running(spec: ServerSpec, log_dir: Path) -> Iterator[RunningServer]:
     url = f"http://{LOOPBACK}:{port}"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=spec.preexec_fn,
         )
     try:
         _wait_ready(process, url, log_path, spec.ready_timeout_s)
