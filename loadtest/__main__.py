@@ -113,7 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_overload(args: argparse.Namespace) -> int:
-    from loadtest.overload import OverloadOptions, run_overload
+    from loadtest.overload import OverloadOptions, markdown_table, run_overload
 
     signal.signal(signal.SIGTERM, _interrupt)  # the server it started is stopped
     if args.url is not None:
@@ -134,7 +134,8 @@ def cmd_overload(args: argparse.Namespace) -> int:
         server_args=tuple(args.server_arg),
     )
     document = run_overload(options)
-    print(f"capacity {document['capacity']['rps']} req/s -> {options.out_dir / 'overload.json'}")
+    print(markdown_table(document))
+    print(f"-> {options.out_dir / 'overload.json'}")
     return 0
 
 

@@ -76,6 +76,7 @@ class Outcome:
     done_s: float
     status: str  # HTTP status, or "lost:<error>"
     retry_after: bool = False
+    server_s: float | None = None  # the server's own X-Total-Time-Ms: the client's lag left out
 
     @property
     def latency_s(self) -> float:
@@ -112,11 +113,14 @@ class Client:
                 httpx.Request("POST", self.url, content=body, headers=HEADERS)
             )
             status, retry_after = str(reply.status_code), "retry-after" in reply.headers
+            total_ms = reply.headers.get("x-total-time-ms")
+            server_s = float(total_ms) / 1000.0 if total_ms is not None else None
         except httpx.HTTPError as e:
-            status, retry_after = f"lost:{type(e).__name__}", False
+            status, retry_after, server_s = f"lost:{type(e).__name__}", False, None
         finally:
             self._pool.put_nowait(connection)
-        return Outcome(scheduled_at - phase_start, time.perf_counter() - phase_start, status, retry_after)
+        done_s = time.perf_counter() - phase_start
+        return Outcome(scheduled_at - phase_start, done_s, status, retry_after, server_s)
 
 
 def bodies(texts: Sequence[str], deadline_ms: int | None) -> list[bytes]:
@@ -203,6 +207,7 @@ def summarize(scenario: Scenario, capacity_rps: float, duration_s: float) -> dic
     good = [o for o in ok if deadline_s is None or o.latency_s <= deadline_s]
     refused = [o for o in outcomes if o.status in REFUSALS]
     lost = [o for o in outcomes if o.status.startswith("lost:")]
+    server_refused_s = [o.server_s for o in refused if o.server_s is not None]
     goodput_rps = len(good) / duration_s
 
     def ms(values: list[float], q: float) -> float | None:
@@ -224,6 +229,8 @@ def summarize(scenario: Scenario, capacity_rps: float, duration_s: float) -> dic
         if refused
         else None,
         "refused_with_retry_after": all(o.retry_after for o in refused),
+        "refused_server_p99_ms": ms(server_refused_s, 99),
+        "refused_server_max_ms": round(max(server_refused_s) * 1000, 1) if server_refused_s else None,
         "num_504": statuses.get("504", 0),
         "lost": len(lost),
         "ok_p50_ms": ms([o.latency_s for o in ok], 50),
@@ -334,3 +341,32 @@ def run_overload(options: OverloadOptions) -> dict[str, Any]:
     options.out_dir.mkdir(parents=True, exist_ok=True)
     (options.out_dir / "overload.json").write_text(json.dumps(document, indent=2) + "\n")
     return document
+
+
+def markdown_table(document: dict[str, Any]) -> str:
+    """The scenarios of an overload run as the table RELIABILITY.md shows."""
+    capacity = document["capacity"]
+    rows = [
+        "| load | deadline | offered req/s | answered 200 in time, req/s | ÷ capacity | 429 | 504 | late 200 "
+        "| lost | refusals ≤ 50 ms (p99) | refusal p99 / max in the server | `Retry-After` on all "
+        "| 200 p50 / p99 ms | back to normal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in document["scenarios"]:
+        deadline = f"{s['deadline_ms']} ms" if s["deadline_ms"] is not None else "none"
+        refused = (
+            f"{100 * s['refused_within_50ms']:.1f} % ({s['refused_p99_ms']} ms)" if s["num_refused"] else "-"
+        )
+        back = s["recovery"]["back_to_normal_s"]
+        rows.append(
+            f"| {s['factor']}x | {deadline} | {s['offered_rps']} | **{s['goodput_rps']}** "
+            f"| {s['goodput_vs_capacity']:.2f} | {s['statuses'].get('429', 0)} | {s['num_504']} "
+            f"| {s['ok_late']} "
+            f"| **{s['lost']}** | {refused} "
+            f"| {s.get('refused_server_p99_ms')} / {s.get('refused_server_max_ms')} ms "
+            f"| {'yes' if s['refused_with_retry_after'] else 'no'} "
+            f"| {s['ok_p50_ms']} / {s['ok_p99_ms']} | {'-' if back is None else f'{back:g} s'} |"
+        )
+    after = capacity.get("rps_after")
+    note = f" (again at the end: {after} req/s)" if after is not None else ""
+    return f"Capacity (closed loop, speed 0): {capacity['rps']} req/s{note}.\n\n" + "\n".join(rows)
