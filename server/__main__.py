@@ -6,6 +6,7 @@ waits up to ``drain_timeout_s`` for open requests, then the app's lifespan stops
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -86,6 +87,11 @@ def serve(settings: Settings) -> int:
             "build the default model with: python -m model_store ensure-default --store %s", settings.store
         )
         return 1
+    # The model, its tokenizer and the libraries hold millions of objects that live as long as the
+    # process: a full (gen 2) collection scanned them all and stalled every request for 220-250 ms
+    # (measured at 1.5x load). Frozen, they are left out of every collection.
+    gc.collect()
+    gc.freeze()
     engine_config = settings.engine_config()
     app = create_app(settings, lambda observer: Engine(loaded, engine_config, observer))
     limits = connection_limits(settings)
