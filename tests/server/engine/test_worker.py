@@ -230,3 +230,31 @@ async def test_disconnected_client_is_dropped_before_compute(loaded: LoadedModel
     finally:
         release.set()
         await engine.stop()
+
+
+async def test_stop_past_the_drain_timeout_fails_leftovers_and_drops_their_rows(
+    loaded: LoadedModel, monkeypatch
+) -> None:
+    import threading
+
+    engine = Engine(loaded, EngineConfig(max_batch_size=1, max_wait_ms=0.0))
+    release = threading.Event()
+    real_execute = engine._runner.execute
+
+    def slow(plan):  # the first step blocks until the drain has given up
+        release.wait(10)
+        return real_execute(plan)
+
+    monkeypatch.setattr(engine._runner, "execute", slow)
+    await engine.start()
+    options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0)
+    pending = [asyncio.create_task(engine.classify([f"text {i}"], options)) for i in range(3)]
+    await asyncio.sleep(0.2)  # admitted: one row computing, two waiting
+    stopping = asyncio.create_task(engine.stop(drain_timeout_s=0.2))
+    await asyncio.sleep(0.5)
+    release.set()
+    await stopping
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, NotReadyError) for r in results), results
+    assert "drain timeout" in str(results[0])
+    assert engine._scheduler.num_waiting == 0  # the leftovers' rows were dropped, not left to compute
