@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -215,3 +216,28 @@ async def test_body_not_an_object_422(served: Served, content: bytes) -> None:
         CLASSIFY, content=content, headers={"content-type": "application/json"}
     )
     assert assert_error(response, 422, "invalid_request") == "the request body must be a JSON object"
+
+
+async def test_a_request_cancelled_by_the_http_server_still_gets_the_json_503() -> None:
+    """uvicorn cancels requests still open past its shutdown grace; the client gets the one error body."""
+    from server.api.middleware import TimingMiddleware
+    from server.metrics import Registry, ServerMetrics
+
+    async def never_answers(scope: object, receive: object, send: object) -> None:
+        raise asyncio.CancelledError
+
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    middleware = TimingMiddleware(never_answers, ServerMetrics("m", Registry()))  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": []}
+    with pytest.raises(asyncio.CancelledError):
+        await middleware(scope, receive, send)  # type: ignore[arg-type]
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+    body = json.loads(sent[1]["body"])  # type: ignore[arg-type]
+    assert body["error"]["type"] == "not_ready"
