@@ -161,8 +161,7 @@ async def measure(options: ConnectionsOptions, url: str, pid: int, texts: list[s
         rss_after = _rss_mib(pid)
         for task in idle:
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*idle, return_exceptions=True)
+        await asyncio.gather(*idle, return_exceptions=True)
     finally:
         await client.close()
     closed = sorted(t for t in closed_after_s if t >= 0)

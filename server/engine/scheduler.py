@@ -20,8 +20,9 @@ a shadow step computes waits for at most that one small step (``max_shadow_batch
 Admission is by time, not by count. A request is admitted only when the engine predicts it will be
 answered in time: before its deadline, or, without one, with a queue wait under ``max_queue_wait_ms``.
 The prediction (``server/engine/admission.py``) drains the rows ahead of it (waiting, and the remaining
-layers of rows in flight) at the step cost and rows per step the engine measured on its own recent
-steps, then adds the request's own layers. A refused request gets ``QueueFullError`` (429) at once, with
+layers of rows in flight) at the step cost the engine measured on its own recent steps, in cohorts sized
+so that a row's own cohort takes at most half its deadline, then adds that cohort of its own. Rows then
+run earliest deadline first. A refused request gets ``QueueFullError`` (429) at once, with
 a ``Retry-After`` of the predicted backlog; a request that could not be answered in time even by an idle
 engine gets ``DeadlineExceededError`` (504) at once. At dispatch a waiting row whose expected remaining
 compute no longer fits before its deadline is dropped without being computed, and a row in flight is
