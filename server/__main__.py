@@ -66,7 +66,7 @@ def serve(settings: Settings) -> int:
 
     from model_store.errors import ModelStoreError
     from model_store.store import ModelStore
-    from server.engine.worker import Engine
+    from server.engine.local import LocalEngine
 
     configure_logging(settings.log_level)
     # On a CPU box torch would take every core and starve the event loop: requests then wait in socket
@@ -93,7 +93,7 @@ def serve(settings: Settings) -> int:
     gc.collect()
     gc.freeze()
     engine_config = settings.engine_config()
-    app = create_app(settings, lambda observer: Engine(loaded, engine_config, observer))
+    app = create_app(settings, lambda observer: LocalEngine(loaded, engine_config, observer))
     limits = connection_limits(settings)
     logger.info(
         "connections: at most %d open, request head within %g s, %d header bytes, %d header fields",

@@ -101,7 +101,7 @@ async def classify(body: ClassifyRequest, request: Request, response: Response, 
     check_num_inputs(len(texts), state.settings)
     info = engine.model_info
     options = build_options(body, info, state.settings, request_start_s(request))
-    result = await engine.classify(texts, options, is_disconnected=request.is_disconnected)
+    result = await engine.classify(texts, options, wait_disconnect=request.receive)
     response.headers.update(timing_headers(result))
     return to_response(result, info.labels, body.return_probs)
 

@@ -182,7 +182,7 @@ async def _infer(
     check_num_inputs(len(texts), state.settings, "inputs[0].data")
     options = build_options(_options_of(body.parameters), info, state.settings, request_start_s(request))
     output_names = _output_names(body.outputs)
-    result = await engine.classify(texts, options, is_disconnected=request.is_disconnected)
+    result = await engine.classify(texts, options, wait_disconnect=request.receive)
     response.headers.update(timing_headers(result))
     return InferResponse(
         model_name=result.model,

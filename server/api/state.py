@@ -29,7 +29,8 @@ REQUEST_START_KEY = "exitserve.start_s"  # scope key: time.monotonic() when the 
 
 
 class ServingEngine(Protocol):
-    """The Engine contract (docs: server.engine.worker.Engine)."""
+    """The engine contract: ``server.engine.local.LocalEngine``, or an ``EngineClient`` of a core
+    running in its own process (``server/supervisor.py``)."""
 
     async def start(self) -> None: ...
 
@@ -44,7 +45,7 @@ class ServingEngine(Protocol):
         self,
         texts: list[str],
         options: ClassifyOptions,
-        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        wait_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> ClassifyResult: ...
 
 

@@ -24,11 +24,17 @@ predicts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from server.engine.errors import DeadlineExceededError, QueueFullError
 
 MIN_STEPS_FOR_FIT = 4  # before this many steps the engine has no cost estimate and admits by count only
 MAX_POLICIES = 256  # (criterion, threshold, max_layers) keys whose depth is learned; others: full depth
 MIN_PREDICTION_TO_LEARN_S = 0.05
+# Admission refuses when the predicted answer, stretched by this factor, would be late: step costs on a
+# shared machine wander, and a request refused at once costs less than one dropped after queueing.
+ADMISSION_MARGIN = 1.1
 MIN_CORRECTION, MAX_CORRECTION = 1.0, 3.0  # the step model is trusted as a lower bound only
 COHORT_SHARE = 0.5  # of a deadline's budget, for the cohort a row runs in (see ServiceModel.cohort_rows)
 
@@ -115,6 +121,14 @@ class DepthModel:
     def expected_layers(self, criterion_code: int, threshold: float, max_layers: int) -> float:
         return self._mean.get(self._key(criterion_code, threshold, max_layers), float(max_layers))
 
+    def entries(self) -> list[tuple[int, float, int, float]]:
+        """(criterion code, threshold, max layers, mean layers run) per learned policy."""
+        return [(*key, mean) for key, mean in self._mean.items()]
+
+    def load(self, entries: list[tuple[int, float, int, float]]) -> None:
+        """Replace what was learned with ``entries`` (a front end's copy of the core's table)."""
+        self._mean = {(code, threshold, max_layers): mean for code, threshold, max_layers, mean in entries}
+
     def observe(self, criterion_code: int, threshold: float, max_layers: int, num_layers_run: int) -> None:
         key = self._key(criterion_code, threshold, max_layers)
         mean = self._mean.get(key)
@@ -123,6 +137,104 @@ class DepthModel:
                 self._mean[key] = float(num_layers_run)
             return
         self._mean[key] = mean + self._alpha * (num_layers_run - mean)
+
+
+@dataclass(frozen=True)
+class ServicePrediction:
+    """What the service model predicts with, frozen: the core sends it to the front ends with every
+    output, so they refuse what the core would refuse without waiting for the core to read its inbox."""
+
+    ready: bool = False
+    fixed_s: float = 0.0
+    per_token_s: float = 0.0
+    pad_ratio: float = 1.0
+    correction: float = MIN_CORRECTION
+    max_rows_per_step: int = 1
+    max_tokens_per_step: int = 1
+
+    def rows_per_step(self, mean_tokens_per_row: float) -> float:
+        """Rows one step serves while a backlog drains."""
+        by_tokens = self.max_tokens_per_step / max(1.0, mean_tokens_per_row * self.pad_ratio)
+        return max(1.0, min(float(self.max_rows_per_step), by_tokens))
+
+    def cohort_rows(self, budget_s: float, layers: float, mean_tokens_per_row: float) -> float:
+        """How many rows a cohort may hold so that its ``layers`` steps take ``COHORT_SHARE`` of
+        ``budget_s``: the rest of the budget is for waiting behind the cohort ahead. (Cohorts sized by a
+        deadline: fewer rows per step make every step pay its fixed cost for fewer rows; more make the
+        first rows of the queue wait past their deadline. Measured at 2x load on the 2-core CPU, queues
+        admitted without this slack left a third of the throughput in 2-row steps.)"""
+        per_row_s = self.per_token_s * mean_tokens_per_row * self.pad_ratio
+        step_budget_s = COHORT_SHARE * budget_s / max(1.0, layers) - self.fixed_s
+        if per_row_s <= 0.0:
+            return self.rows_per_step(mean_tokens_per_row)
+        return max(1.0, min(self.rows_per_step(mean_tokens_per_row), step_budget_s / per_row_s))
+
+    def drain_s(self, backlog: Backlog, rows_per_step: float | None = None) -> float:
+        """Seconds until the engine has computed ``backlog``, in steps of ``rows_per_step`` rows (default:
+        as full as the caps allow)."""
+        if backlog.row_layers <= 0.0:
+            return 0.0
+        if rows_per_step is None:
+            rows_per_step = self.rows_per_step(backlog.token_layers / backlog.row_layers)
+        num_steps = max(backlog.row_layers / rows_per_step, backlog.chain_layers)
+        return num_steps * self.fixed_s + self.per_token_s * backlog.token_layers * self.pad_ratio
+
+    def step_s(self, num_rows: float, mean_tokens_per_row: float) -> float:
+        """One layer step of ``num_rows`` rows of ``mean_tokens_per_row`` tokens."""
+        return self.fixed_s + self.per_token_s * num_rows * mean_tokens_per_row * self.pad_ratio
+
+
+def check_admission(
+    prediction: ServicePrediction,
+    ahead: Backlog,
+    num_rows: int,
+    mean_tokens_per_row: float,
+    expected_layers: float,
+    deadline_s: float | None,
+    now_s: float,
+    max_queue_wait_ms: float | None,
+) -> float:
+    """Refuse a request that would not be answered in time behind ``ahead``; else the predicted seconds
+    until its answer (unstretched by the margin; 0 before any step was timed).
+
+    Raises ``QueueFullError`` (predicted to miss its deadline, or the queue-wait bound) or
+    ``DeadlineExceededError`` (too much work for its deadline even on an idle engine).
+    """
+    p = prediction
+    if not p.ready:
+        return 0.0
+    scale = p.correction
+    own = Backlog.of_rows(num_rows, expected_layers, mean_tokens_per_row)
+    predicted_s = scale * p.drain_s(ahead + own)
+    wait_s = ADMISSION_MARGIN * scale * p.drain_s(ahead)
+    if deadline_s is not None:
+        budget_s = deadline_s - now_s
+        alone_s = scale * p.drain_s(own)
+        if alone_s > budget_s:
+            raise DeadlineExceededError(
+                f"the request needs about {alone_s * 1000:.0f} ms of compute, more than its deadline "
+                f"leaves ({max(0.0, budget_s) * 1000:.0f} ms)"
+            )
+        # Queued behind the rows ahead, in cohorts sized to the deadline; then a whole cohort of its
+        # own: its rows share every step with the cohort's others.
+        cohort = p.cohort_rows(budget_s, expected_layers, mean_tokens_per_row)
+        own_cohort = Backlog.of_rows(max(num_rows, math.ceil(cohort)), expected_layers, mean_tokens_per_row)
+        predicted_s = scale * (p.drain_s(ahead, rows_per_step=cohort) + p.drain_s(own_cohort, cohort))
+        if ADMISSION_MARGIN * predicted_s > budget_s:
+            raise QueueFullError(
+                f"overloaded: predicted answer in {predicted_s * 1000:.0f} ms, after the deadline "
+                f"({budget_s * 1000:.0f} ms left)",
+                retry_after_s=wait_s,
+                reason="deadline",
+            )
+        return predicted_s
+    if max_queue_wait_ms is not None and wait_s * 1000.0 > max_queue_wait_ms:
+        raise QueueFullError(
+            f"overloaded: predicted queue wait {wait_s * 1000:.0f} ms exceeds {max_queue_wait_ms:.0f} ms",
+            retry_after_s=wait_s,
+            reason="queue_wait",
+        )
+    return predicted_s
 
 
 class ServiceModel:
@@ -156,35 +268,27 @@ class ServiceModel:
         ratio = min(MAX_CORRECTION, max(MIN_CORRECTION, measured_s / predicted_s))
         self.correction += 0.05 * (ratio - self.correction)
 
+    def prediction(self) -> ServicePrediction:
+        """The model's current coefficients, frozen (cheap: a few float operations)."""
+        fixed_s, per_token_s = self.cost.coefficients()
+        return ServicePrediction(
+            ready=self.ready,
+            fixed_s=fixed_s,
+            per_token_s=per_token_s,
+            pad_ratio=self._pad_ratio,
+            correction=self.correction,
+            max_rows_per_step=self._max_rows_per_step,
+            max_tokens_per_step=self._max_tokens_per_step,
+        )
+
     def rows_per_step(self, mean_tokens_per_row: float) -> float:
-        """Rows one step serves while a backlog drains."""
-        by_tokens = self._max_tokens_per_step / max(1.0, mean_tokens_per_row * self._pad_ratio)
-        return max(1.0, min(float(self._max_rows_per_step), by_tokens))
+        return self.prediction().rows_per_step(mean_tokens_per_row)
 
     def cohort_rows(self, budget_s: float, layers: float, mean_tokens_per_row: float) -> float:
-        """How many rows a cohort may hold so that its ``layers`` steps take ``COHORT_SHARE`` of
-        ``budget_s``: the rest of the budget is for waiting behind the cohort ahead. (Cohorts sized by a
-        deadline: fewer rows per step make every step pay its fixed cost for fewer rows; more make the
-        first rows of the queue wait past their deadline. Measured at 2x load on the 2-core CPU, queues
-        admitted without this slack left a third of the throughput in 2-row steps.)"""
-        fixed_s, per_token_s = self.cost.coefficients()
-        per_row_s = per_token_s * mean_tokens_per_row * self._pad_ratio
-        step_budget_s = COHORT_SHARE * budget_s / max(1.0, layers) - fixed_s
-        if per_row_s <= 0.0:
-            return self.rows_per_step(mean_tokens_per_row)
-        return max(1.0, min(self.rows_per_step(mean_tokens_per_row), step_budget_s / per_row_s))
+        return self.prediction().cohort_rows(budget_s, layers, mean_tokens_per_row)
 
     def drain_s(self, backlog: Backlog, rows_per_step: float | None = None) -> float:
-        """Seconds until the engine has computed ``backlog``, in steps of ``rows_per_step`` rows (default:
-        as full as the caps allow)."""
-        if backlog.row_layers <= 0.0:
-            return 0.0
-        fixed_s, per_token_s = self.cost.coefficients()
-        if rows_per_step is None:
-            rows_per_step = self.rows_per_step(backlog.token_layers / backlog.row_layers)
-        num_steps = max(backlog.row_layers / rows_per_step, backlog.chain_layers)
-        return num_steps * fixed_s + per_token_s * backlog.token_layers * self._pad_ratio
+        return self.prediction().drain_s(backlog, rows_per_step)
 
     def step_s(self, num_rows: float, mean_tokens_per_row: float) -> float:
-        """One layer step of ``num_rows`` rows of ``mean_tokens_per_row`` tokens."""
-        return self.cost.step_s(num_rows * mean_tokens_per_row * self._pad_ratio)
+        return self.prediction().step_s(num_rows, mean_tokens_per_row)

@@ -57,13 +57,9 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from server.engine.admission import Backlog, ServiceModel
-from server.engine.errors import DeadlineExceededError, QueueFullError
+from server.engine.admission import ADMISSION_MARGIN, Backlog, ServiceModel, check_admission
+from server.engine.errors import QueueFullError
 from server.engine.types import BatchingMode
-
-# Admission refuses when the predicted answer, stretched by this factor, would be late: step costs on a
-# shared machine wander, and a request refused at once costs less than one dropped after queueing.
-ADMISSION_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,7 @@ class RowSpec:
     """One input row as admitted: its tokens and its exit policy (native threshold, see criteria)."""
 
     row_id: int
-    request_id: int
+    request_id: int | None  # None: a shadow row (the accuracy guard's re-run), owned by no request
     token_ids: tuple[int, ...]
     criterion_code: int
     threshold: float
@@ -231,52 +227,26 @@ class Scheduler:
         deadline_s: float | None,
         now_s: float,
     ) -> float:
-        """Refuse a request that would not be answered in time; else the predicted seconds until its
-        answer (unstretched by the margin; 0 before any step was timed).
-
-        Also usable before tokenizing, with an estimate of ``mean_tokens_per_row``: refusing then costs
-        the front end almost nothing. Until the engine has timed a few steps it admits by count only.
-        """
-        if not self.service.ready:
+        """Refuse a request that would not be answered in time behind what is queued and in flight; else
+        the predicted seconds until its answer (``admission.check_admission``). Until the engine has timed
+        a few steps it admits by count only."""
+        prediction = self.service.prediction()
+        if not prediction.ready:
             return 0.0
-        scale = self.service.correction
-        ahead = self._backlog()
-        own = Backlog.of_rows(num_rows, expected_layers, mean_tokens_per_row)
-        predicted_s = scale * self.service.drain_s(ahead + own)
-        wait_s = ADMISSION_MARGIN * scale * self.service.drain_s(ahead)
-        if deadline_s is not None:
-            budget_s = deadline_s - now_s
-            alone_s = scale * self.service.drain_s(own)
-            if alone_s > budget_s:
-                raise DeadlineExceededError(
-                    f"the request needs about {alone_s * 1000:.0f} ms of compute, more than its deadline "
-                    f"leaves ({max(0.0, budget_s) * 1000:.0f} ms)"
-                )
-            # Queued behind the rows ahead, in cohorts sized to the deadline; then a whole cohort of its
-            # own: its rows share every step with the cohort's others.
-            cohort = self.service.cohort_rows(budget_s, expected_layers, mean_tokens_per_row)
-            own_rows = max(num_rows, math.ceil(cohort))
-            own_cohort = Backlog.of_rows(own_rows, expected_layers, mean_tokens_per_row)
-            predicted_s = scale * (
-                self.service.drain_s(ahead, rows_per_step=cohort)
-                + self.service.drain_s(own_cohort, rows_per_step=cohort)
-            )
-            if ADMISSION_MARGIN * predicted_s > budget_s:
-                raise QueueFullError(
-                    f"overloaded: predicted answer in {predicted_s * 1000:.0f} ms, after the deadline "
-                    f"({budget_s * 1000:.0f} ms left)",
-                    retry_after_s=wait_s,
-                    reason="deadline",
-                )
-            return predicted_s
-        bound_ms = self.config.max_queue_wait_ms
-        if bound_ms is not None and wait_s * 1000.0 > bound_ms:
-            raise QueueFullError(
-                f"overloaded: predicted queue wait {wait_s * 1000:.0f} ms exceeds {bound_ms:.0f} ms",
-                retry_after_s=wait_s,
-                reason="queue_wait",
-            )
-        return predicted_s
+        return check_admission(
+            prediction,
+            self._backlog(),
+            num_rows,
+            mean_tokens_per_row,
+            expected_layers,
+            deadline_s,
+            now_s,
+            self.config.max_queue_wait_ms,
+        )
+
+    def backlog(self) -> Backlog:
+        """Expected work of the rows waiting and in flight."""
+        return self._backlog()
 
     def predicted_backlog_s(self) -> float:
         """Seconds until the rows waiting and in flight now are computed (0 before any step was timed)."""
@@ -464,19 +434,26 @@ class Scheduler:
             )
         return finished
 
-    def fail_step(self, plan: StepPlan) -> set[int]:
-        """The runner raised on ``plan``: forget its rows; returns the request ids that must fail."""
+    def fail_step(self, plan: StepPlan) -> tuple[set[int], list[int]]:
+        """The runner raised on ``plan``: forget its rows. Returns the request ids that must fail (every
+        row of theirs is dropped) and the ids of the step's shadow rows (no request fails for those)."""
         self._computing = None
-        failed = {self._rows[r].request_id for r in plan.row_ids if r in self._rows}
+        failed: set[int] = set()
+        shadow_ids: list[int] = []
         for row_id in plan.row_ids:
+            row = self._rows.get(row_id)
+            if row is not None and row.request_id is not None:
+                failed.add(row.request_id)
+            elif row is not None:
+                shadow_ids.append(row_id)
             self._forget(row_id)
         for request_id in failed:
             self.cancel_request(request_id)
-        return failed
+        return failed, shadow_ids
 
     def reset(self) -> set[int]:
         """Forget everything (engine restart); returns the request ids that were live."""
-        request_ids = {r.request_id for r in self._rows.values()}
+        request_ids = {r.request_id for r in self._rows.values() if r.request_id is not None}
         self._waiting.clear()
         self._waiting_backlog = Backlog()
         self._expected_layers.clear()

@@ -83,7 +83,7 @@ class FakeEngine:
         self,
         texts: list[str],
         options: ClassifyOptions,
-        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        wait_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> ClassifyResult:
         self.calls.append((texts, options))
         if self.error is not None:

@@ -10,8 +10,8 @@ import pytest
 
 from model_store.store import ModelStore
 from server.api import create_app
+from server.engine.local import LocalEngine as Engine
 from server.engine.types import EngineObserver
-from server.engine.worker import Engine
 from server.metrics import Registry
 from tests.server.api.conftest import assert_error, make_settings
 from tests.tiny_models import save_tiny_store

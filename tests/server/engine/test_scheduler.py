@@ -179,7 +179,7 @@ def test_fail_step_fails_only_that_steps_requests() -> None:
     b, _ = add_request(scheduler, 2)
     plan = scheduler.schedule(0.0).plan
     assert plan is not None
-    assert scheduler.fail_step(plan) == {a}
+    assert scheduler.fail_step(plan) == ({a}, [])
     runner = FakeRunner({b: 1})
     finished = step(scheduler, runner)
     assert {row.request_id for row, _ in finished} == {b}

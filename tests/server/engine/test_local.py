@@ -1,9 +1,12 @@
-"""The real engine (scheduler + torch runner + worker thread) against the reference forward."""
+"""The in-process engine (core thread + client + supervisor, real torch runner) against the reference
+forward. Faults are injected through the runner factory, never by patching private attributes."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -12,8 +15,10 @@ from model_store.reference import RowPolicies, early_exit_forward
 from model_store.store import LoadedModel
 from model_store.text import encode_texts
 from server.engine.errors import BatchFailedError, DeadlineExceededError, NotReadyError, QueueFullError
+from server.engine.local import LocalEngine as Engine
+from server.engine.runner import Runner
+from server.engine.scheduler import StepOutput, StepPlan
 from server.engine.types import BatchingMode, ClassifyOptions, EngineConfig
-from server.engine.worker import Engine
 from tests.tiny_models import tiny_loaded_model
 
 pytestmark = pytest.mark.model
@@ -27,6 +32,49 @@ WORDS = [
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
     return tiny_loaded_model(num_layers=4, max_seq_length=24)
+
+
+class HookedRunner(Runner):
+    """The real runner, with a hook called before each step: it may block, raise, or return a
+    replacement output (a malformed one crashes the core loop)."""
+
+    hook: Callable[[StepPlan, int], object] | None = None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.num_steps = 0
+        self.computed: list[StepPlan] = []
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        self.num_steps += 1
+        if self.hook is not None:
+            replaced = self.hook(plan, self.num_steps)
+            if replaced is not None:
+                return replaced  # type: ignore[return-value]
+        self.computed.append(plan)
+        return super().execute(plan)
+
+
+def hooked(hook: Callable[[StepPlan, int], object], runners: list[HookedRunner] | None = None):
+    """A runner factory whose runners call ``hook(plan, step number)`` first (steps counted per core)."""
+
+    def factory(loaded: LoadedModel, config: EngineConfig) -> Runner:
+        runner = HookedRunner(loaded.model, device=config.device, dtype=config.dtype)
+        runner.hook = hook
+        if runners is not None:
+            runners.append(runner)
+        return runner
+
+    return factory
+
+
+async def until_ready(engine: Engine, timeout_s: float = 10.0) -> None:
+    """The supervisor restarts a core in the background: wait until the new one serves."""
+    for _ in range(int(timeout_s / 0.01)):
+        if engine.is_ready():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the engine did not come back")
 
 
 def _texts(num: int, seed: int) -> list[str]:
@@ -75,23 +123,18 @@ async def test_concurrent_requests_match_reference_alone(loaded: LoadedModel, mo
     assert len(exit_layers) >= 3, exit_layers
 
 
-async def test_failed_step_fails_only_its_requests(loaded: LoadedModel, monkeypatch) -> None:
-    engine = Engine(loaded, EngineConfig(max_batch_size=2, max_wait_ms=0.0))
-    real_execute = engine._runner.execute
-    calls = {"n": 0}
-
-    def flaky(plan):
-        calls["n"] += 1
-        if calls["n"] == 1:
+async def test_failed_step_fails_only_its_requests(loaded: LoadedModel) -> None:
+    def fail_first(plan: StepPlan, num: int) -> None:
+        if num == 1:
             raise RuntimeError("injected fault")
-        return real_execute(plan)
 
-    monkeypatch.setattr(engine._runner, "execute", flaky)
+    config = EngineConfig(max_batch_size=2, max_wait_ms=0.0, calibrate_step_cost=False)
+    engine = Engine(loaded, config, runner_factory=hooked(fail_first))
     await engine.start()
     options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0)
     try:
         first = asyncio.create_task(engine.classify(["one", "two"], options))
-        await asyncio.sleep(0)  # admitted first, so it is the failing step
+        await asyncio.sleep(0.05)  # admitted first, so it is the failing step
         second = asyncio.create_task(engine.classify(["three"], options))
         with pytest.raises(BatchFailedError):
             await first
@@ -143,24 +186,29 @@ class _RecordingObserver:
         self.restarts += 1
 
 
-async def test_watchdog_restarts_a_hung_engine(loaded: LoadedModel, monkeypatch) -> None:
-    import threading
-
+async def test_watchdog_restarts_a_hung_engine(loaded: LoadedModel) -> None:
     observer = _RecordingObserver()
+    release = threading.Event()
+
+    def hang_first_core(plan: StepPlan, num: int) -> None:
+        if len(runners) == 1:  # the first core hangs in its first step; its successor computes
+            release.wait(10)
+
+    runners: list[HookedRunner] = []
     engine = Engine(
         loaded,
-        EngineConfig(step_timeout_s=0.3, watchdog_interval_s=0.05),
+        EngineConfig(step_timeout_s=0.3, watchdog_interval_s=0.05, calibrate_step_cost=False),
         observer=observer,  # type: ignore[arg-type]
+        runner_factory=hooked(hang_first_core, runners),
     )
-    release = threading.Event()
-    monkeypatch.setattr(engine._runner, "execute", lambda plan: release.wait(10))
     await engine.start()
     options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0)
     try:
         with pytest.raises(NotReadyError, match="restarting"):
             await asyncio.wait_for(engine.classify(["stuck"], options), timeout=5)
         assert observer.restarts == 1
-        assert engine.is_ready()
+        await until_ready(engine)
+        assert len(runners) == 2
         result = await asyncio.wait_for(engine.classify(["after restart"], options), timeout=5)
         assert result.rows[0].exit_layer == 4
     finally:
@@ -168,86 +216,70 @@ async def test_watchdog_restarts_a_hung_engine(loaded: LoadedModel, monkeypatch)
         await engine.stop()
 
 
-async def test_watchdog_restarts_a_crashed_engine(loaded: LoadedModel, monkeypatch) -> None:
-    engine = Engine(loaded, EngineConfig(watchdog_interval_s=0.05))
-    real_schedule = engine._scheduler.schedule
-    calls = {"n": 0}
+async def test_watchdog_restarts_a_crashed_engine(loaded: LoadedModel) -> None:
+    def garbage_once(plan: StepPlan, num: int) -> object:
+        return "not a StepOutput" if len(runners) == 1 else None  # the core loop crashes on it
 
-    def crash_once(now_s: float):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("injected scheduler bug")
-        return real_schedule(now_s)
-
-    monkeypatch.setattr(engine._scheduler, "schedule", crash_once)
+    runners: list[HookedRunner] = []
+    config = EngineConfig(watchdog_interval_s=0.05, calibrate_step_cost=False)
+    engine = Engine(loaded, config, runner_factory=hooked(garbage_once, runners))
     await engine.start()
     options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0)
     try:
         with pytest.raises(NotReadyError):
             await asyncio.wait_for(engine.classify(["boom"], options), timeout=5)
+        await until_ready(engine)
         result = await asyncio.wait_for(engine.classify(["fine"], options), timeout=5)
         assert result.rows[0].exit_layer == 4 and engine.num_restarts == 1
     finally:
         await engine.stop()
 
 
-async def test_disconnected_client_is_dropped_before_compute(loaded: LoadedModel, monkeypatch) -> None:
-    import threading
-
+async def test_disconnected_client_is_dropped_before_compute(loaded: LoadedModel) -> None:
     from server.engine.errors import RequestCancelledError
 
-    engine = Engine(loaded, EngineConfig(max_batch_size=1, max_wait_ms=0.0))
-    real_execute = engine._runner.execute
     release = threading.Event()
-    computed_requests: list[set[int]] = []
-
-    def gated(plan):
-        release.wait(10)
-        rows = {r.request_id for r in plan.new_rows}
-        computed_requests.append(rows)
-        return real_execute(plan)
-
-    monkeypatch.setattr(engine._runner, "execute", gated)
+    runners: list[HookedRunner] = []
+    config = EngineConfig(max_batch_size=1, max_wait_ms=0.0, calibrate_step_cost=False)
+    engine = Engine(
+        loaded, config, runner_factory=hooked(lambda plan, num: release.wait(10) and None, runners)
+    )
     await engine.start()
     options = ClassifyOptions(criterion=Criterion.MAX_PROB, speed=1.0)
     gone = asyncio.Event()
 
-    async def is_disconnected() -> bool:
-        return gone.is_set()
+    async def wait_disconnect() -> object:
+        await gone.wait()
+        return {"type": "http.disconnect"}
 
     try:
         first = asyncio.create_task(engine.classify(["first"], options))
         await asyncio.sleep(0.2)  # first is computing (held at the gate); second waits in the queue
-        second = asyncio.create_task(engine.classify(["second", "more"], options, is_disconnected))
+        second = asyncio.create_task(engine.classify(["second", "more"], options, wait_disconnect))
         await asyncio.sleep(0.1)
-        second_request_ids = set(engine._requests) - {min(engine._requests)}
         gone.set()  # the client of the second request goes away
         with pytest.raises(RequestCancelledError):
             await asyncio.wait_for(second, timeout=2)
         release.set()
         assert (await first).rows[0].exit_layer == 1
-        await asyncio.sleep(0.1)
-        assert all(not (rows & second_request_ids) for rows in computed_requests)
-        assert engine._scheduler.num_waiting == 0
+        await asyncio.sleep(0.2)
+        computed = [r.token_ids for plan in runners[0].computed for r in plan.new_rows]
+        assert len(computed) == 1  # only "first": the second request's two rows never ran
+        assert engine.core is not None and engine.core.scheduler.num_waiting == 0
+        assert engine.core.num_live_requests == 0
     finally:
         release.set()
         await engine.stop()
 
 
-async def test_stop_past_the_drain_timeout_fails_leftovers_and_drops_their_rows(
-    loaded: LoadedModel, monkeypatch
-) -> None:
-    import threading
-
-    engine = Engine(loaded, EngineConfig(max_batch_size=1, max_wait_ms=0.0))
+async def test_stop_past_the_drain_timeout_fails_leftovers_and_drops_their_rows(loaded: LoadedModel) -> None:
     release = threading.Event()
-    real_execute = engine._runner.execute
-
-    def slow(plan):  # the first step blocks until the drain has given up
-        release.wait(10)
-        return real_execute(plan)
-
-    monkeypatch.setattr(engine._runner, "execute", slow)
+    runners: list[HookedRunner] = []
+    config = EngineConfig(max_batch_size=1, max_wait_ms=0.0, calibrate_step_cost=False)
+    # the first step blocks until the drain has given up
+    engine = Engine(
+        loaded, config, runner_factory=hooked(lambda plan, num: release.wait(10) and None, runners)
+    )
     await engine.start()
     options = ClassifyOptions(criterion=Criterion.NORMALIZED_ENTROPY, speed=0.0)
     pending = [asyncio.create_task(engine.classify([f"text {i}"], options)) for i in range(3)]
@@ -259,4 +291,5 @@ async def test_stop_past_the_drain_timeout_fails_leftovers_and_drops_their_rows(
     results = await asyncio.gather(*pending, return_exceptions=True)
     assert all(isinstance(r, NotReadyError) for r in results), results
     assert "drain timeout" in str(results[0])
-    assert engine._scheduler.num_waiting == 0  # the leftovers' rows were dropped, not left to compute
+    # The leftovers' rows were dropped, not left to compute: only the step held at the gate ran.
+    assert len(runners[0].computed) == 1

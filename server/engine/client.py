@@ -1,0 +1,398 @@
+"""The front end's side of the engine: validation, tokenization, futures, and messages to the core.
+
+One ``EngineClient`` per front-end process (or per in-process engine). It tokenizes its own requests, sends
+``AddRequest`` and awaits one future per request; a reader callback on the event loop resolves the futures
+from the core's batched ``Outputs``. Nothing here wakes on a timer per request: a disconnect is noticed by
+an ASGI ``receive`` that returns only when the client goes away (then an ``AbortRequest`` goes out), and
+deadlines are the core's to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import zmq
+
+from model_store.criteria import CRITERION_CODES, threshold_for
+from model_store.text import RowTokenizer
+from server.engine import errors
+from server.engine.admission import Backlog, DepthModel, ServicePrediction, check_admission
+from server.engine.errors import (
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    NotReadyError,
+    PayloadTooLargeError,
+    QueueFullError,
+    RequestCancelledError,
+)
+from server.engine.messages import (
+    AbortRequest,
+    AddRequest,
+    AdmissionView,
+    Failed,
+    Hello,
+    Outputs,
+    Status,
+    decode_to_front_end,
+    encode,
+)
+from server.engine.types import (
+    ClassifyOptions,
+    ClassifyResult,
+    EngineConfig,
+    EngineObserver,
+    ModelInfo,
+    NullObserver,
+    RowOutcome,
+)
+
+logger = logging.getLogger(__name__)
+
+# Texts up to this many characters (all inputs of a request together) are tokenized on the event loop:
+# a thread hop costs more than the Rust tokenizer needs for them (~10-60 us).
+INLINE_TOKENIZE_CHARS = 16_384
+_ERROR_KINDS: dict[str, type[EngineError]] = {
+    cls.__name__: cls
+    for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, EngineError)
+}
+
+WaitDisconnect = Callable[[], Awaitable[object]]
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[ClassifyResult]
+    options: ClassifyOptions
+    truncated: list[bool]
+
+
+class EngineClient:
+    """Feeds one engine core; implements the ``ServingEngine`` contract of ``server/api/state.py``."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        tokenizer: RowTokenizer,
+        config: EngineConfig,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.config = config
+        self._observer: EngineObserver = observer or NullObserver()
+        self._static_info = info
+        self._info = info
+        self._tokenizer = tokenizer
+        self._socket: zmq.Socket[bytes] | None = None
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._epoch = 0  # the core generation this client talks to; 0: none
+        self._core_ready = False
+        self._accepting = False
+        # The core's admission model as of its last message, plus what this front end sent since.
+        self._prediction = ServicePrediction()
+        self._ahead = Backlog()
+        self._sent = Backlog()
+        self._depth = DepthModel()
+        self._labels = list(info.labels)
+        self._num_layers = info.num_layers
+
+    # --- connection ---------------------------------------------------------------------------------
+
+    def connect(self, epoch: int, address: str, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        """Talk to core generation ``epoch`` at ``address`` from now on (start-up, or after a restart:
+        whatever was in flight with the old core fails with 503)."""
+        self._loop = asyncio.get_running_loop()
+        self.fail_all(NotReadyError("engine restarting after a fault; retry"))
+        if self._socket is not None:
+            self._loop.remove_reader(self._fd)
+            self._socket.close(linger=0)
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(address)
+        self._socket = socket
+        self._fd = int(socket.getsockopt(zmq.FD))
+        self._epoch, self._core_ready = epoch, False
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._accepting = True
+        self._send(Hello(epoch))
+
+    def core_down(self) -> None:
+        """The core died or hung: fail what is in flight now, refuse until a new core is connected."""
+        self._core_ready = False
+        self.fail_all(NotReadyError("engine restarting after a fault; retry"))
+
+    def close(self) -> None:
+        self._accepting = False
+        if self._socket is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def fail_all(self, error: EngineError) -> None:
+        """Answer every pending request with ``error`` and tell the core to drop their rows."""
+        pending, self._pending = self._pending, {}
+        for request_id, entry in pending.items():
+            if not entry.future.done():
+                entry.future.set_exception(error)
+            if self._socket is not None and self._core_ready:
+                self._send(AbortRequest(request_id))
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def is_ready(self) -> bool:
+        return self._accepting and self._core_ready
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def default_speed(self) -> float:
+        return self._info.default_speed
+
+    # --- requests -----------------------------------------------------------------------------------
+
+    async def classify(
+        self,
+        texts: list[str],
+        options: ClassifyOptions,
+        wait_disconnect: WaitDisconnect | None = None,
+    ) -> ClassifyResult:
+        """Classify ``texts``; raises an ``EngineError`` subclass on refusal, timeout or failure.
+
+        ``wait_disconnect``: an awaitable that returns only when the client has gone away (the ASGI
+        ``receive`` after the body was read); the request's rows are then dropped.
+        """
+        if not self.is_ready():
+            raise NotReadyError("engine is not ready")
+        if not texts:
+            raise InvalidRequestError("inputs must not be empty", field="inputs")
+        if len(texts) > self.config.max_inputs_per_request:
+            raise PayloadTooLargeError(
+                f"{len(texts)} inputs exceed the limit of {self.config.max_inputs_per_request} per request"
+            )
+        info = self._info
+        max_layers = options.max_layers
+        if max_layers is not None and max_layers < 1:
+            raise InvalidRequestError("max_layers must be at least 1", field="max_layers")
+        max_layers = min(max_layers or info.num_layers, info.num_layers)
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+            encoded = self._tokenize(texts)
+        else:
+            encoded = await asyncio.to_thread(self._tokenize, texts)
+        truncated = [t for _, t in encoded]
+        if self.config.strict_length and any(truncated):
+            index = truncated.index(True)
+            raise PayloadTooLargeError(
+                f"inputs[{index}] is longer than {info.max_seq_length} tokens (strict length mode)"
+            )
+        if not self.is_ready():  # the core went down while a thread tokenized
+            raise NotReadyError("engine is not ready")
+        criterion_code = CRITERION_CODES[options.criterion]
+        threshold = threshold_for(options.criterion, options.speed, len(self._labels), self._num_layers)
+        self._refuse_early(encoded, criterion_code, threshold, max_layers, options.deadline_s)
+        loop = self._loop
+        assert loop is not None
+        request_id = next(self._ids)
+        future: asyncio.Future[ClassifyResult] = loop.create_future()
+        self._pending[request_id] = _Pending(future, options, truncated)
+        self._send(
+            AddRequest(
+                epoch=self._epoch,
+                request_id=request_id,
+                token_ids=[list(ids) for ids, _ in encoded],
+                truncated=truncated,
+                criterion_code=CRITERION_CODES[options.criterion],
+                threshold=threshold_for(
+                    options.criterion, options.speed, len(self._labels), self._num_layers
+                ),
+                max_layers=max_layers,
+                speed=options.speed,
+                speed_is_default=options.speed_is_default,
+                deadline_s=options.deadline_s,
+                arrived_s=time.monotonic(),
+            )
+        )
+        if wait_disconnect is None:
+            return await future
+        watch = asyncio.ensure_future(wait_disconnect())
+        watch.add_done_callback(lambda task: self._client_gone(request_id, task))
+        try:
+            return await future
+        finally:
+            watch.cancel()
+
+    def _client_gone(self, request_id: int, task: asyncio.Future[object]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return
+        self._send(AbortRequest(request_id))
+        if not entry.future.done():
+            entry.future.set_exception(RequestCancelledError("client disconnected"))
+
+    def _refuse_early(
+        self,
+        encoded: list[tuple[tuple[int, ...], bool]],
+        criterion_code: int,
+        threshold: float,
+        max_layers: int,
+        deadline_s: float | None,
+    ) -> None:
+        """The core's admission check, here, on the core's last reported model and backlog (plus what this
+        front end sent since): an overloaded server refuses in the front end, at once and for almost no
+        CPU, instead of after the core's current step. The core checks again with exact figures."""
+        num_rows = len(encoded)
+        mean_tokens = sum(len(ids) for ids, _ in encoded) / num_rows
+        layers = self._depth.expected_layers(criterion_code, threshold, max_layers)
+        try:
+            check_admission(
+                self._prediction,
+                self._ahead + self._sent,
+                num_rows,
+                mean_tokens,
+                layers,
+                deadline_s,
+                time.monotonic(),
+                self.config.max_queue_wait_ms,
+            )
+        except QueueFullError as e:
+            self._observer.admission_refused(e.reason)
+            raise
+        except DeadlineExceededError:
+            self._observer.admission_refused("deadline_unreachable")
+            raise
+        self._sent = self._sent + Backlog.of_rows(num_rows, layers, mean_tokens)
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[tuple[int, ...], bool]]:
+        """Token ids per text; a text the tokenizer rejects is the client's error, named by index."""
+        try:
+            return self._tokenizer(texts)
+        except Exception:
+            for index, text in enumerate(texts):
+                try:
+                    self._tokenizer([text])
+                except Exception as e:
+                    raise InvalidRequestError(
+                        f"inputs[{index}] cannot be tokenized ({type(e).__name__})", field=f"inputs[{index}]"
+                    ) from None
+            raise  # no single text fails alone: a server fault, not the client's
+
+    # --- messages -----------------------------------------------------------------------------------
+
+    def _send(self, message: Hello | AddRequest | AbortRequest) -> None:
+        socket = self._socket
+        if socket is None:
+            return
+        try:
+            socket.send(encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("engine core is not reading its inbox; message dropped")
+        # A send may consume the socket's edge-triggered readiness: read what arrived meanwhile.
+        if int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN and self._loop is not None:
+            self._loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        socket = self._socket
+        if socket is None:
+            return
+        while True:
+            try:
+                data = socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            message = decode_to_front_end(data)
+            if isinstance(message, Outputs):
+                self._on_outputs(message)
+            else:
+                self._on_status(message)
+
+    def _on_status(self, status: Status) -> None:
+        if status.epoch != self._epoch:
+            return
+        self._core_ready = status.ready
+        self._on_admission(status.admission)
+        self._depth.load(status.depths)
+        info = self._info
+        if status.live_guard is not None or status.default_speed != info.default_speed:
+            self._info = replace(
+                info,
+                default_speed=status.default_speed,
+                live_guard=status.live_guard if status.live_guard is not None else info.live_guard,
+            )
+
+    def _on_admission(self, view: AdmissionView) -> None:
+        self._prediction = ServicePrediction(
+            ready=view.ready,
+            fixed_s=view.fixed_s,
+            per_token_s=view.per_token_s,
+            pad_ratio=view.pad_ratio,
+            correction=view.correction,
+            max_rows_per_step=view.max_rows_per_step,
+            max_tokens_per_step=view.max_tokens_per_step,
+        )
+        self._ahead = Backlog(view.row_layers, view.token_layers, view.chain_layers)
+        self._sent = Backlog()
+
+    def _on_outputs(self, outputs: Outputs) -> None:
+        if outputs.admission is not None:
+            self._on_admission(outputs.admission)
+        labels = self._labels
+        info = self._info
+        for done in outputs.finished:
+            entry = self._pending.pop(done.request_id, None)
+            if entry is None or entry.future.done():
+                continue
+            rows = [
+                RowOutcome(
+                    label=labels[label_index],
+                    label_index=label_index,
+                    score=probs[label_index],
+                    probs=probs,
+                    exit_layer=exit_layer,
+                    num_layers_run=exit_layer,
+                    truncated=entry.truncated[i],
+                )
+                for i, (label_index, probs, exit_layer) in enumerate(done.rows)
+            ]
+            entry.future.set_result(
+                ClassifyResult(
+                    rows=rows,
+                    model=info.name,
+                    version=info.version,
+                    criterion=entry.options.criterion,
+                    speed=entry.options.speed,
+                    queue_time_s=done.queue_time_s,
+                    inference_time_s=done.inference_time_s,
+                )
+            )
+        for failed in outputs.failed:
+            entry = self._pending.pop(failed.request_id, None)
+            if entry is not None and not entry.future.done():
+                entry.future.set_exception(_error_of(failed))
+
+
+def _error_of(failed: Failed) -> EngineError:
+    if failed.kind == "QueueFullError":
+        return QueueFullError(failed.message, retry_after_s=failed.retry_after_s, reason=failed.reason)
+    cls = _ERROR_KINDS.get(failed.kind, errors.BatchFailedError)
+    return cls(failed.message)
