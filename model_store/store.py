@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
@@ -25,11 +23,11 @@ from model_store.errors import (
     ModelNotFoundError,
     PickleRefusedError,
 )
+from model_store.layout import StoreLayout, read_manifest
 from model_store.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest
 
 # Weight formats that unpickle (and so can run code) on load. Their presence alone refuses a version.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
@@ -50,46 +48,8 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
-    # Numeric versions sort numerically and after any non-numeric ones.
-    return (1, int(version)) if version.isdigit() else (0, version)
-
-
-class ModelStore:
-    """A directory of models, each a directory of versions."""
-
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-
-    def list_models(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.list_versions(p.name))
-
-    def list_versions(self, name: str) -> list[str]:
-        model_dir = self.root / name
-        if not _NAME_RE.match(name) or not model_dir.is_dir():
-            return []
-        versions = [p.name for p in model_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).exists()]
-        return sorted(versions, key=_version_key)
-
-    def latest_version(self, name: str) -> str:
-        versions = self.list_versions(name)
-        if not versions:
-            known = ", ".join(self.list_models()) or "none"
-            raise ModelNotFoundError(f"no model {name!r} in store {self.root} (models: {known})")
-        return versions[-1]
-
-    def version_dir(self, name: str, version: str | None = None) -> Path:
-        version = version or self.latest_version(name)
-        path = self.root / name / version
-        if not _NAME_RE.match(name) or not _NAME_RE.match(version) or not path.is_dir():
-            raise ModelNotFoundError(f"no version {version!r} of model {name!r} in store {self.root}")
-        return path
-
-    def next_version(self, name: str) -> str:
-        numeric = [int(v) for v in self.list_versions(name) if v.isdigit()]
-        return str(max(numeric, default=0) + 1)
+class ModelStore(StoreLayout):
+    """A directory of models, each a directory of versions: saving and loading them."""
 
     def save(
         self,
@@ -123,19 +83,6 @@ class ModelStore:
         dtype: torch.dtype = torch.float32,
     ) -> LoadedModel:
         return load_version_dir(self.version_dir(name, version), device=device, dtype=dtype)
-
-
-def read_manifest(path: Path) -> Manifest:
-    """Read and validate ``path/manifest.json``."""
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise MissingFileError(manifest_path, "manifest is missing")
-    try:
-        return Manifest.model_validate_json(manifest_path.read_bytes())
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "document"
-        raise CorruptFileError(manifest_path, f"invalid manifest at {where}: {first['msg']}") from None
 
 
 def check_files(path: Path, manifest: Manifest) -> None:
@@ -193,8 +140,11 @@ def load_version_dir(
         )
     model.to(device=device, dtype=dtype).eval()
 
+    return LoadedModel(manifest=manifest, model=model, tokenizer=load_tokenizer(path), path=path)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path))  # type: ignore[no-any-return]
     except Exception as e:  # tokenizers raise many types; all mean the same thing here
         raise CorruptFileError(path / "tokenizer.json", f"cannot load the tokenizer: {e}") from None
-    return LoadedModel(manifest=manifest, model=model, tokenizer=tokenizer, path=path)

@@ -8,8 +8,16 @@ low-cardinality: the model name, a route template, a status code, a layer number
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 PREFIX = "exitserve"
@@ -18,6 +26,8 @@ QUEUE_WAIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS_S)
 BATCH_SIZE_BUCKETS = tuple(float(2**k) for k in range(10))  # 1, 2, 4, ..., 512
 EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
 ADMISSION_REFUSAL_REASONS = ("deadline", "queue_wait", "queue_full", "deadline_unreachable")
+# Gauges in multiprocess mode: the value of the process that set it last, while that process lives.
+LATEST: Final = "livemostrecent"
 Registry = CollectorRegistry  # re-exported: the rest of the codebase never imports prometheus_client
 
 # No *_created series: they double the series count and no dashboard or rule here reads them.
@@ -25,8 +35,19 @@ Registry = CollectorRegistry  # re-exported: the rest of the codebase never impo
 disable_created_metrics()
 
 
+def mark_process_dead(pid: int) -> None:
+    """A process of a multi-process server exited: its live gauges leave the view (counts stay)."""
+    multiprocess.mark_process_dead(pid)
+
+
 class ServerMetrics:
     """All metrics of one server process for one served model.
+
+    With ``multiprocess`` (``--frontends`` > 1: several front-end processes and an engine-core process),
+    every process writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
+    multiprocess mode, chosen at import from that environment variable, which the supervisor sets before
+    it starts the processes) and any front end's ``/metrics`` sums them: counters and histograms over
+    every process, gauges from the process that set them last (the core sets the engine's).
 
     ``registry`` receives every metric (a new one if not given; never the global registry).
     Implements ``server.engine.types.EngineObserver``; its methods may be called from the engine's
@@ -35,9 +56,13 @@ class ServerMetrics:
     engine reports before that are not expected (the engine is started after binding).
     """
 
-    def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, model: str, registry: CollectorRegistry | None = None, multiprocess: bool = False
+    ) -> None:
         registry = registry if registry is not None else CollectorRegistry()
         self.registry = registry
+        self.multiprocess = multiprocess
+        self._is_ready: Callable[[], bool] | None = None
         self.model = model
         self.num_layers: int | None = None
         self._exit_layer: Histogram | None = None
@@ -77,10 +102,18 @@ class ServerMetrics:
         )
         self._rows = Counter(f"{PREFIX}_rows", "Input rows answered", ["model"], registry=reg).labels(model)
         self._queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Rows waiting for admission", ["model"], registry=reg
+            f"{PREFIX}_queue_depth",
+            "Rows waiting for admission",
+            ["model"],
+            registry=reg,
+            multiprocess_mode=LATEST,
         ).labels(model)
         self._inflight = Gauge(
-            f"{PREFIX}_inflight_requests", "Requests admitted and not answered", ["model"], registry=reg
+            f"{PREFIX}_inflight_requests",
+            "Requests admitted and not answered",
+            ["model"],
+            registry=reg,
+            multiprocess_mode=LATEST,
         ).labels(model)
         self._batch_failures = Counter(
             f"{PREFIX}_batch_failures", "Batches whose computation raised", ["model"], registry=reg
@@ -88,9 +121,9 @@ class ServerMetrics:
         self._engine_restarts = Counter(
             f"{PREFIX}_engine_restarts", "Engine worker restarts", ["model"], registry=reg
         ).labels(model)
-        self._ready = Gauge(f"{PREFIX}_ready", "1 when serving, else 0", ["model"], registry=reg).labels(
-            model
-        )
+        self._ready = Gauge(
+            f"{PREFIX}_ready", "1 when serving, else 0", ["model"], registry=reg, multiprocess_mode=LATEST
+        ).labels(model)
         # Live accuracy guard (server/engine/guard.py); bucket = speed rounded down to 0.1 (11 values).
         self._guard_samples = Counter(
             f"{PREFIX}_guard_samples",
@@ -109,9 +142,14 @@ class ServerMetrics:
             "Calibrated agreement of early exits with full depth, by speed bucket (the alert's reference)",
             ["model", "bucket"],
             registry=reg,
+            multiprocess_mode=LATEST,
         )
         self._default_speed = Gauge(
-            f"{PREFIX}_default_speed", "Speed for requests that set none", ["model"], registry=reg
+            f"{PREFIX}_default_speed",
+            "Speed for requests that set none",
+            ["model"],
+            registry=reg,
+            multiprocess_mode=LATEST,
         ).labels(model)
         # Admission by time (server/engine/scheduler.py).
         self._admission_refused = Counter(
@@ -137,6 +175,7 @@ class ServerMetrics:
             "Predicted time to compute the rows waiting and in flight (what admission refuses by)",
             ["model"],
             registry=reg,
+            multiprocess_mode=LATEST,
         ).labels(model)
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -168,7 +207,9 @@ class ServerMetrics:
 
     def set_ready_function(self, is_ready: Callable[[], bool]) -> None:
         """Read readiness at scrape time, so the gauge cannot go stale."""
-        self._ready.set_function(lambda: 1.0 if is_ready() else 0.0)
+        self._is_ready = is_ready
+        if not self.multiprocess:  # (functions are per process: in multiprocess mode, set at scrape)
+            self._ready.set_function(lambda: 1.0 if is_ready() else 0.0)
 
     # --- HTTP ---------------------------------------------------------------------------------------
 
@@ -178,8 +219,14 @@ class ServerMetrics:
         self._request_duration.labels(self.model, route).observe(duration_s)
 
     def exposition(self) -> bytes:
-        """The registry in the Prometheus text format."""
-        return generate_latest(self.registry)
+        """The registry (in multiprocess mode: every process's samples) in the Prometheus text format."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        if self._is_ready is not None:
+            self._ready.set(1.0 if self._is_ready() else 0.0)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
 
     # --- EngineObserver -----------------------------------------------------------------------------
 

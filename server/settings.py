@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,6 +51,14 @@ class Settings(BaseSettings):
     )
 
     # --- HTTP ---------------------------------------------------------------------------------------
+    frontends: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="HTTP front-end processes on one port; 1 = one process with the engine core as a "
+        "thread, N > 1 = N front ends feeding one engine-core process; none = chosen for the machine "
+        "(CPU: 1 up to 4 cores, else cores / 4 up to 4; CUDA: cores / 2 up to 8)",
+    )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     max_body_bytes: int = Field(default=2 * MIB, gt=0, description="request body cap in bytes (else 413)")
@@ -175,6 +184,16 @@ class Settings(BaseSettings):
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    def num_frontends(self, num_cores: int | None = None) -> int:
+        """``frontends``, or the machine's default: a CPU's cores are better spent on the model, a GPU
+        needs more front ends than one to keep it fed."""
+        if self.frontends is not None:
+            return self.frontends
+        cores = num_cores if num_cores is not None else (os.cpu_count() or 1)
+        if self.device.startswith("cuda"):
+            return max(1, min(8, cores // 2))
+        return 1 if cores <= 4 else min(4, cores // 4)
 
     def engine_config(self) -> EngineConfig:
         """The engine's knobs, taken from these settings."""

@@ -27,13 +27,17 @@ API_VERSION = "1"
 
 
 def create_app(
-    settings: Settings, engine_factory: EngineFactory, registry: Registry | None = None
+    settings: Settings,
+    engine_factory: EngineFactory,
+    registry: Registry | None = None,
+    multiprocess_metrics: bool = False,
 ) -> FastAPI:
     """A new app serving the engine that ``engine_factory(observer)`` builds at start-up.
 
     ``registry`` receives every metric (a fresh one if not given; never the global registry).
+    ``multiprocess_metrics``: one of several front-end processes (``server.metrics.ServerMetrics``).
     """
-    metrics = ServerMetrics(settings.model, registry)
+    metrics = ServerMetrics(settings.model, registry, multiprocess=multiprocess_metrics)
     state = AppState(settings=settings, metrics=metrics)
 
     @asynccontextmanager

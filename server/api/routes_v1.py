@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from model_store.criteria import Criterion
+from model_store.policy import Criterion
 from server.api.errors import error_response
 from server.api.json_body import StrictJSONRoute
 from server.api.schemas import (

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from model_store.criteria import Criterion
+from model_store.policy import Criterion
 
 MAX_DEADLINE_MS = 3_600_000  # one hour; longer is a client bug
 

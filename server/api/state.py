@@ -15,8 +15,8 @@ from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 
-from model_store.criteria import Criterion
 from model_store.manifest import CalibrationTable
+from model_store.policy import Criterion
 from server.api.schemas import RequestOptions
 from server.engine import targets
 from server.engine.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError

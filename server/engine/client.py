@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 
 import zmq
 
-from model_store.criteria import CRITERION_CODES, threshold_for
-from model_store.text import RowTokenizer
+from model_store.policy import CRITERION_CODES, threshold_for
+from model_store.tokens import RowTokenizer
 from server.engine import errors
 from server.engine.admission import Backlog, DepthModel, ServicePrediction, check_admission
 from server.engine.errors import (

@@ -100,8 +100,10 @@ class EngineCore:
         runner_factory: RunnerFactory = default_runner,
         expected_agreement: dict[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_busy: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_busy = on_busy  # also told busy_since_s (a supervisor in another process reads it)
         self.epoch = epoch
         self._manifest = loaded.manifest
         self._observer: EngineObserver = observer or NullObserver()
@@ -139,6 +141,11 @@ class EngineCore:
                 return
             self.step()
             self.flush(socket)
+
+    def _busy(self, since_s: float) -> None:
+        self.busy_since_s = since_s
+        if self._on_busy is not None:
+            self._on_busy(since_s)
 
     def _idle_timeout_s(self) -> float:
         if not self._scheduler.has_work():
@@ -178,17 +185,17 @@ class EngineCore:
             self._wake_at_s = decision.wake_at_s
             return
         self._mark_started(plan)
-        self.busy_since_s = self._clock()
+        self._busy(self._clock())
         started_s = time.perf_counter()
         try:
             output = self._runner.execute(plan)
         except Exception:
             logger.exception("step %d (layer %d, %d rows) failed", plan.step_id, plan.layer, plan.num_rows)
-            self.busy_since_s = 0.0
+            self._busy(0.0)
             self._fail_step(plan)
             return
         duration_s = time.perf_counter() - started_s
-        self.busy_since_s = 0.0
+        self._busy(0.0)
         if plan.layer > 0:
             self._observer.layer_step(plan.layer, plan.num_rows, output.num_padded_tokens)
         finished = self._scheduler.update_from_output(plan, output, duration_s)

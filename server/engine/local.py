@@ -16,13 +16,12 @@ from collections.abc import Callable
 
 import zmq
 
-from model_store.manifest import Manifest
 from model_store.store import LoadedModel
-from model_store.text import RowTokenizer
+from model_store.tokens import RowTokenizer
 from server.engine.client import EngineClient, WaitDisconnect
 from server.engine.core import EngineCore, RunnerFactory, default_runner
 from server.engine.errors import NotReadyError
-from server.engine.guard import speed_bucket
+from server.engine.info import expected_agreement, static_model_info
 from server.engine.messages import CoreSocket
 from server.engine.types import (
     ClassifyOptions,
@@ -36,43 +35,6 @@ from server.engine.types import (
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0
 _instances = itertools.count(1)
-
-
-def expected_agreement(manifest: Manifest) -> dict[str, float]:
-    """Calibrated agreement of early exits with full depth, per speed bucket, for the default criterion."""
-    calibration = manifest.calibration
-    if calibration is None:
-        return {}
-    expected: dict[str, float] = {}
-    for point in calibration.points:
-        agreement = getattr(point, "early_exit_agreement", None)
-        if point.criterion == manifest.default_criterion and agreement is not None:
-            expected.setdefault(speed_bucket(point.speed), float(agreement))
-    return expected
-
-
-def static_model_info(manifest: Manifest, sample_fraction: float) -> ModelInfo:
-    """What ``GET /v1/models`` says before the core reports live figures (tables dumped once)."""
-    m = manifest
-    return ModelInfo(
-        name=m.name,
-        version=m.version,
-        architecture=m.architecture,
-        num_layers=m.num_layers,
-        labels=list(m.labels),
-        max_seq_length=m.max_seq_length,
-        default_criterion=m.default_criterion,
-        default_speed=m.default_speed,
-        calibration=m.calibration.model_dump(mode="json") if m.calibration else None,
-        provenance=m.provenance.model_dump(mode="json"),
-        live_guard={
-            "sample_fraction": sample_fraction,
-            "expected_agreement": expected_agreement(m),
-            "num_dropped": 0,
-            "buckets": {},
-            "auto_adjust": None,
-        },
-    )
 
 
 class LocalEngine:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model_store.criteria import CRITERION_CODES, Criterion
+from model_store.policy import CRITERION_CODES, Criterion
 from server.engine.guard import AccuracyGuard, AutoAdjuster, speed_bucket
 from server.engine.scheduler import RowExit, RowSpec, Scheduler
 from server.engine.types import EngineConfig, EngineObserver

@@ -53,6 +53,7 @@ def start_server(
     *extra_args: str,
     model: str = "tiny",
     preexec_fn: Callable[[], None] | None = None,
+    frontends: int = 1,
 ) -> ServerProcess:
     port = free_port()
     env = {
@@ -73,6 +74,8 @@ def start_server(
             model,
             "--port",
             str(port),
+            "--frontends",
+            str(frontends),
             *extra_args,
         ],
         cwd=REPO,
@@ -82,7 +85,7 @@ def start_server(
         preexec_fn=preexec_fn,
     )
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, log)
-    give_up_s = time.monotonic() + 60
+    give_up_s = time.monotonic() + 90  # two front ends and a core each import torch
     while time.monotonic() < give_up_s:
         if process.poll() is not None:
             log.close()
@@ -102,14 +105,27 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     return save_tiny_store(tmp_path_factory.mktemp("store"), default_speed=0.5)
 
 
+# Every e2e test runs against one process (engine core as a thread) and against two front-end processes
+# feeding an engine-core process (server/supervisor.py).
+FRONTENDS = (1, 2)
+
+
+@pytest.fixture(scope="module", params=FRONTENDS, ids=lambda n: f"frontends={n}")
+def frontends(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory, frontends: int
+) -> Iterator[ServerProcess]:
     # Tests on this server check answers, not admission (tests/e2e/test_reliability.py and
     # test_admission.py do): a burst on a slow CI machine must not be refused by the queue-wait bound.
     running = start_server(
         tiny_store.root,
         tmp_path_factory.mktemp("log") / "server.log",
         "--max-batch-size", "8", "--max-queue-wait-ms", "none",
+        frontends=frontends,
     )  # fmt: skip
     yield running
     running.terminate()

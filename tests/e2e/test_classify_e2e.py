@@ -81,12 +81,17 @@ def test_concurrent_requests_get_the_model_cores_answers(
     assert after["+Inf"] - before.get("+Inf", 0.0) == len(exit_layers)
 
 
-def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_store: ModelStore, tmp_path) -> None:
+def test_sigterm_finishes_in_flight_work_and_exits_zero(
+    tiny_store: ModelStore, tmp_path, frontends: int
+) -> None:
     # This test is about the drain, not admission: 120 rows at 2 per step can exceed the default
     # 500 ms queue-wait bound on a slow machine, and a 429 would hide what it checks.
     running = start_server(
-        tiny_store.root, tmp_path / "server.log", "--max-batch-size", "2", "--max-queue-wait-ms", "none"
-    )
+        tiny_store.root,
+        tmp_path / "server.log",
+        "--max-batch-size", "2", "--max-queue-wait-ms", "none",
+        frontends=frontends,
+    )  # fmt: skip
     jobs = [{"inputs": ["word " * 30] * 4, "speed": 0.0} for _ in range(30)]
 
     async def scenario() -> tuple[list[httpx.Response | BaseException], int]:
@@ -112,12 +117,13 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_store: ModelStore, 
         pass
 
 
-def test_drain_overrun_answers_leftovers_with_json_503_and_exits_zero(tmp_path) -> None:
+def test_drain_overrun_answers_leftovers_with_json_503_and_exits_zero(tmp_path, frontends: int) -> None:
     # A compute-bound model and big requests: at SIGTERM + 1 s (the drain timeout) most are unfinished.
     save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
     running = start_server(
         tmp_path / "store", tmp_path / "server.log",
         "--drain-timeout-s", "1", "--max-batch-size", "4", "--max-queue-wait-ms", "none",
+        frontends=frontends,
     )  # fmt: skip
     jobs = [{"inputs": ["word " * 120] * 32, "speed": 0.0} for _ in range(8)]
 

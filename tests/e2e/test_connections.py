@@ -19,11 +19,14 @@ HEAD_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def hardened(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def hardened(
+    tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory, frontends: int
+) -> Iterator[ServerProcess]:
     running = start_server(
         tiny_store.root,
         tmp_path_factory.mktemp("log") / "server.log",
         "--request-head-timeout-s", str(HEAD_TIMEOUT_S), "--max-connections", "64",
+        frontends=frontends,
     )  # fmt: skip
     yield running
     running.terminate()
@@ -118,7 +121,7 @@ def test_idle_connections_past_the_cap_evict_the_oldest_and_requests_still_pass(
 
 
 def test_default_cap_survives_more_idle_sockets_than_the_open_file_limit(
-    tiny_store: ModelStore, tmp_path: Path
+    tiny_store: ModelStore, tmp_path: Path, frontends: int
 ) -> None:
     """The red-team case: a 1,024 open-file limit and 1,100 idle sockets. The server raises its soft
     limit where the hard limit allows; here both are 1,024, so the cap itself must protect it."""
@@ -126,7 +129,9 @@ def test_default_cap_survives_more_idle_sockets_than_the_open_file_limit(
     def low_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
 
-    server = start_server(tiny_store.root, tmp_path / "server.log", preexec_fn=low_file_limit)
+    server = start_server(
+        tiny_store.root, tmp_path / "server.log", preexec_fn=low_file_limit, frontends=frontends
+    )
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < 1300:

