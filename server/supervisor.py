@@ -83,7 +83,9 @@ def core_main(settings: Settings, address: str, epoch_value: Any, busy_value: An
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     core_socket = CoreSocket(context, address)
     epoch_value.value = epoch  # serving: front ends connect
-    logger.info("engine core %d serving %s version %s", epoch, manifest.name, manifest.version)
+    logger.info(
+        "engine core %d (pid %d) serving %s version %s", epoch, os.getpid(), manifest.name, manifest.version
+    )
     try:
         core.run(core_socket, lambda: stopping)
     finally:

@@ -1,0 +1,189 @@
+"""The engine core behind one or several front ends: one metrics view, one model view, deadlines,
+disconnects, and a core killed with SIGKILL (two front ends: the core is a process of its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import ServerProcess, start_server
+from tests.tiny_models import save_tiny_store
+
+pytestmark = pytest.mark.e2e
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _metrics(server: ServerProcess) -> str:
+    return httpx.get(f"{server.base_url}/metrics", timeout=10).text
+
+
+def _served_by(server: ServerProcess, route: str) -> set[str]:
+    """Which front ends logged an answer on ``route`` (the log tags each line with its process)."""
+    return set(re.findall(rf"\[(front end \d+)\] exitserve\.access: \S+ {re.escape(route)} ", server.log()))
+
+
+@pytest.fixture(scope="module")
+def heavy(tmp_path_factory: pytest.TempPathFactory, frontends: int) -> Iterator[ServerProcess]:
+    """A compute-bound model: a 64-input request takes long enough to be cut short."""
+    root = tmp_path_factory.mktemp("heavy")
+    save_tiny_store(root, num_layers=6, hidden_size=256, max_seq_length=128)
+    running = start_server(
+        root, root / "server.log", "--max-batch-size", "4", "--max-queue-wait-ms", "none", frontends=frontends
+    )
+    yield running
+    running.terminate()
+
+
+def test_metrics_are_one_view_of_every_front_end(server: ServerProcess, frontends: int) -> None:
+    before = _metrics(server)
+    num_requests, rows_per_request = 40, 3
+    for i in range(num_requests):  # a new connection each: the kernel spreads them over the front ends
+        r = httpx.post(
+            f"{server.base_url}/v1/classify",
+            json={"inputs": [f"text {i} {j}" for j in range(rows_per_request)]},
+        )
+        assert r.status_code == 200, r.text
+    after = _metrics(server)
+    ok = {"route": "/v1/classify", "status": "200"}
+    assert (
+        _metric(after, "exitserve_requests_total", **ok) - _metric(before, "exitserve_requests_total", **ok)
+        == num_requests
+    )
+    rows = _metric(after, "exitserve_rows_total") - _metric(before, "exitserve_rows_total")
+    assert rows == num_requests * rows_per_request
+    exits = _metric(after, "exitserve_exit_layer_count") - _metric(before, "exitserve_exit_layer_count")
+    assert exits == num_requests * rows_per_request
+    assert _metric(after, "exitserve_ready") == 1.0
+    if frontends > 1:
+        assert len(_served_by(server, "/v1/classify")) == frontends
+
+
+def test_models_and_readiness_read_the_same_from_every_front_end(
+    server: ServerProcess, frontends: int
+) -> None:
+    bodies = set()
+    for _ in range(30):
+        assert httpx.get(f"{server.base_url}/readyz").status_code == 200
+        response = httpx.get(f"{server.base_url}/v1/models")
+        assert response.status_code == 200
+        bodies.add(response.text)
+    assert len(bodies) == 1
+    if frontends > 1:
+        assert len(_served_by(server, "/v1/models")) == frontends
+
+
+def test_unreachable_deadline_gets_504_at_once(heavy: ServerProcess) -> None:
+    before = _metrics(heavy)
+    started = time.monotonic()
+    response = httpx.post(
+        f"{heavy.base_url}/v1/classify", json={"inputs": ["word " * 120] * 16, "speed": 0.0, "deadline_ms": 1}
+    )
+    elapsed_s = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["type"] == "deadline_exceeded"
+    assert elapsed_s < 0.5
+    refused = {"reason": "deadline_unreachable"}
+    after = _metrics(heavy)
+    assert _metric(after, "exitserve_admission_refused_total", **refused) == (
+        _metric(before, "exitserve_admission_refused_total", **refused) + 1
+    )
+
+
+def test_deadline_passing_in_the_queue_gets_504_and_drops_the_rows(heavy: ServerProcess) -> None:
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=heavy.base_url, timeout=60) as client:
+            blocker = asyncio.create_task(
+                client.post("/v1/classify", json={"inputs": ["word " * 120] * 48, "speed": 0.0})
+            )
+            await asyncio.sleep(0.3)  # the blocker's rows hold the engine
+            late = await client.post(
+                "/v1/classify", json={"inputs": ["word " * 120] * 4, "speed": 0.0, "deadline_ms": 400}
+            )
+            return [await blocker, late]
+
+    before = _metrics(heavy)
+    blocker, late = asyncio.run(scenario())
+    assert blocker.status_code == 200
+    # Refused at admission (429: it would be late) or dropped when its deadline passed (504); never a
+    # late 200.
+    assert late.status_code in (429, 504), late.text
+    after = _metrics(heavy)
+    assert _metric(after, "exitserve_rows_total") - _metric(before, "exitserve_rows_total") == 48
+
+
+def test_disconnected_client_rows_are_dropped(heavy: ServerProcess) -> None:
+    before = _metrics(heavy)
+    body = httpx.Request(
+        "POST", f"{heavy.base_url}/v1/classify", json={"inputs": ["word " * 120] * 64, "speed": 0.0}
+    )
+    host, port = heavy.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        head = f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        content = body.read()
+        raw.sendall(f"{head}Content-Length: {len(content)}\r\n\r\n".encode() + content)
+        time.sleep(0.3)  # admitted and computing
+    time.sleep(3.0)  # long enough for all 64 rows, had they not been dropped
+    after = _metrics(heavy)
+    assert _metric(after, "exitserve_rows_total") - _metric(before, "exitserve_rows_total") < 64
+    gone = {"route": "/v1/classify", "status": "499"}  # nginx's "client closed request"
+    assert (
+        _metric(after, "exitserve_requests_total", **gone)
+        == _metric(before, "exitserve_requests_total", **gone) + 1
+    )
+
+
+def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -> None:
+    save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
+    running = start_server(
+        tmp_path / "store", tmp_path / "server.log", "--max-batch-size", "4", "--max-queue-wait-ms", "none",
+        frontends=2,
+    )  # fmt: skip
+    try:
+        match = re.search(r"engine core 1 \(pid (\d+)\) serving", running.log())
+        assert match, running.log()
+        core_pid = int(match.group(1))
+
+        async def scenario() -> tuple[list[httpx.Response], float]:
+            async with httpx.AsyncClient(base_url=running.base_url, timeout=30) as client:
+                job = {"inputs": ["word " * 120] * 32, "speed": 0.0}
+                tasks = [asyncio.create_task(client.post("/v1/classify", json=job)) for _ in range(6)]
+                await asyncio.sleep(0.5)  # admitted and computing
+                import os
+
+                os.kill(core_pid, signal.SIGKILL)
+                killed_s = time.monotonic()
+                responses = await asyncio.gather(*tasks)
+                return responses, time.monotonic() - killed_s
+
+        responses, answered_after_s = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [503] * 6, [r.text for r in responses]
+        assert all(r.json()["error"]["type"] == "not_ready" for r in responses)
+        assert answered_after_s < 1.0  # at once: not after the new core has loaded
+        give_up_s = time.monotonic() + 60
+        while httpx.get(f"{running.base_url}/readyz").status_code != 200:
+            assert time.monotonic() < give_up_s, running.log()
+            time.sleep(0.1)
+        ok = httpx.post(f"{running.base_url}/v1/classify", json={"inputs": ["back again"]}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert _metric(_metrics(running), "exitserve_engine_restarts_total") == 1.0
+        assert "engine core 2 (pid" in running.log()
+    finally:
+        code = running.terminate(60)
+    assert code == 0
