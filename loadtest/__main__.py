@@ -159,6 +159,15 @@ def cmd_connections(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ceiling(args: argparse.Namespace) -> int:
+    from loadtest.ceiling import main_options, markdown, run_ceiling
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    document = run_ceiling(main_options(args))
+    print(markdown(document))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from loadtest.bench import write_outputs
 
@@ -245,6 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-nofile", default="1024", help="the server's open-file limit; none = inherited"
     )
     conns.set_defaults(func=cmd_connections)
+
+    ceiling = sub.add_parser(
+        "ceiling", help="wrk: FastAPI hello-world vs exitserve on the tiny model; host cost per step"
+    )
+    ceiling.add_argument("--store", default="store", help="store of the default model (core vs HTTP)")
+    ceiling.add_argument("--model", default="spam-minilm")
+    ceiling.add_argument("--out-dir", default="bench-out")
+    ceiling.add_argument("--frontends", default="1,2", help="comma-separated --frontends values to run")
+    ceiling.add_argument("--duration-s", type=float, default=10.0)
+    ceiling.add_argument("--connections", type=int, default=64)
+    ceiling.add_argument("--skip-default-model", action="store_true", help="no core-vs-HTTP run")
+    ceiling.add_argument(
+        "--skip-emails", action="store_true", help="no SpamAssassin emails (implies the above)"
+    )
+    ceiling.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
+    ceiling.set_defaults(func=cmd_ceiling)
 
     report = sub.add_parser("report", help="re-draw plots and BENCHMARKS.md from a bench output dir")
     report.add_argument("--out-dir", default="bench-out")

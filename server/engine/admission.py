@@ -249,6 +249,7 @@ class ServiceModel:
         # EWMA of (measured / predicted) answer time of admitted requests: what the step model misses
         # (front-end work competing for the interpreter, the order steps really run in) is learned here.
         self.correction = MIN_CORRECTION
+        self._prediction: ServicePrediction | None = None
 
     @property
     def ready(self) -> bool:
@@ -256,6 +257,7 @@ class ServiceModel:
 
     def observe_step(self, num_real_tokens: int, num_padded_tokens: int, duration_s: float) -> None:
         """One layer step ran in ``duration_s``."""
+        self._prediction = None
         self.cost.observe(num_padded_tokens, duration_s)
         if num_real_tokens > 0 and num_padded_tokens >= num_real_tokens:
             self._pad_ratio += 0.05 * (num_padded_tokens / num_real_tokens - self._pad_ratio)
@@ -267,9 +269,16 @@ class ServiceModel:
             return
         ratio = min(MAX_CORRECTION, max(MIN_CORRECTION, measured_s / predicted_s))
         self.correction += 0.05 * (ratio - self.correction)
+        self._prediction = None
 
     def prediction(self) -> ServicePrediction:
-        """The model's current coefficients, frozen (cheap: a few float operations)."""
+        """The model's current coefficients, frozen; cached until the next step or answer is observed
+        (admission asks for it once per request and per waiting row)."""
+        if self._prediction is None:
+            self._prediction = self._predict()
+        return self._prediction
+
+    def _predict(self) -> ServicePrediction:
         fixed_s, per_token_s = self.cost.coefficients()
         return ServicePrediction(
             ready=self.ready,

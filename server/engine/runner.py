@@ -131,22 +131,23 @@ class Runner:
     # --- helpers ----------------------------------------------------------------------------------
 
     def _embed(self, rows: list[RowSpec]) -> _CohortTensors:
-        longest = max(r.num_tokens for r in rows)
-        ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : row.num_tokens] = torch.tensor(row.token_ids, dtype=torch.long)
-            mask[i, : row.num_tokens] = 1
+        """The step's new rows as tensors: each built by one call from Python lists, not row by row."""
+        lengths = [r.num_tokens for r in rows]
+        longest = max(lengths)
+        pad = (self.pad_token_id,)
+        ids = torch.tensor([r.token_ids + pad * (longest - n) for r, n in zip(rows, lengths, strict=True)])
+        mask = (torch.arange(longest) < torch.tensor(lengths).unsqueeze(1)).long()
         ids, mask = ids.to(self.device), mask.to(self.device)
+        device = self.device
         return _CohortTensors(
             row_ids=[r.row_id for r in rows],
-            lengths=[r.num_tokens for r in rows],
+            lengths=lengths,
             hidden=self.model.embed(ids, mask),
             mask=mask,
-            criterion_codes=torch.tensor([r.criterion_code for r in rows], dtype=torch.long).to(self.device),
-            thresholds=torch.tensor([r.threshold for r in rows], dtype=torch.float32).to(self.device),
-            max_layers=torch.tensor([r.max_layers for r in rows], dtype=torch.long).to(self.device),
-            patience=PatienceState.initial(len(rows), device=self.device),
+            criterion_codes=torch.tensor([r.criterion_code for r in rows], dtype=torch.long, device=device),
+            thresholds=torch.tensor([r.threshold for r in rows], dtype=torch.float32, device=device),
+            max_layers=torch.tensor([r.max_layers for r in rows], dtype=torch.long, device=device),
+            patience=PatienceState.initial(len(rows), device=device),
         )
 
     def _take(self, cohort_id: int, row_ids: tuple[int, ...]) -> _CohortTensors:

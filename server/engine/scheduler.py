@@ -633,8 +633,10 @@ class Scheduler:
         room = self._admission_room()
         if room <= 0 or not self._waiting:
             return []
-        timed = self.service.ready
+        prediction = self.service.prediction()
+        timed = prediction.ready
         inflight, earliest_s = self._inflight_backlog() if timed else (Backlog(), math.inf)
+        stretch = ADMISSION_MARGIN * prediction.correction
         starting: list[RowSpec] = []
         doomed: list[RowSpec] = []
         longest = 0
@@ -644,10 +646,11 @@ class Scheduler:
             grown = max(longest, candidate.num_tokens)
             if starting and not self._fits(len(starting) + 1, grown):
                 break
-            if timed:
+            # Without any deadline in sight no prediction can hold a row back (the common case).
+            if timed and (candidate.deadline_s is not None or earliest_s != math.inf):
                 layers = self._expected_layers.get(candidate.row_id, float(candidate.max_layers))
                 with_it = inflight + Backlog.of_rows(1, layers, candidate.num_tokens)
-                finish_s = now_s + ADMISSION_MARGIN * self.service.correction * self.service.drain_s(with_it)
+                finish_s = now_s + stretch * prediction.drain_s(with_it)
                 if candidate.deadline_s is not None and finish_s > candidate.deadline_s:
                     doomed.append(candidate)
                     continue
