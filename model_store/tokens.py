@@ -63,7 +63,32 @@ class RowTokenizer:
         self._encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
 
     def __call__(self, texts: list[str]) -> list[tuple[tuple[int, ...], bool]]:
-        """Token ids (special tokens included) and whether the text was truncated, per text."""
+        """Token ids (special tokens included) and whether the text was truncated, per text.
+
+        A long text is first tokenized by a prefix of ``PREFIX_CHARS_PER_TOKEN`` characters per token,
+        cut at a space: tokens never span a space, so if that prefix alone overflows the model's length,
+        its ids are the whole text's (measured: a 2,000-character email took 1 ms, most of it for tokens
+        truncation then threw away). Otherwise the text is tokenized again, cut by ``cut_text``.
+        """
+        prefixes = [_prefix(t, self.max_seq_length * PREFIX_CHARS_PER_TOKEN) for t in texts]
+        out: list[tuple[tuple[int, ...], bool]] = []
+        again: list[int] = []
+        for i, (text, prefix, encoding) in enumerate(
+            zip(texts, prefixes, self._encode(prefixes, add_special_tokens=True), strict=True)
+        ):
+            if encoding.overflowing:
+                out.append((tuple(encoding.ids), True))
+            elif prefix is text:
+                out.append((tuple(encoding.ids), False))
+            else:
+                out.append(((), False))
+                again.append(i)
+        if again:
+            for i, row in zip(again, self._whole([texts[i] for i in again]), strict=True):
+                out[i] = row
+        return out
+
+    def _whole(self, texts: list[str]) -> list[tuple[tuple[int, ...], bool]]:
         cut = [cut_text(t, self.max_seq_length) for t in texts]
         out = []
         for text, short, encoding in zip(texts, cut, self._encode(cut, add_special_tokens=True), strict=True):
@@ -73,3 +98,16 @@ class RowTokenizer:
             )
             out.append((tuple(ids), truncated))
         return out
+
+
+# Characters per token of the first, prefix-only attempt: English and email text average 3-5.
+PREFIX_CHARS_PER_TOKEN = 6
+
+
+def _prefix(text: str, num_chars: int) -> str:
+    """``text`` itself when short; else its first ``num_chars`` characters, ended before a space in their
+    last quarter (so no word is cut), or ``""`` (no such space: the whole text is tokenized at once)."""
+    if len(text) <= num_chars:
+        return text
+    end = max(text.rfind(" ", num_chars * 3 // 4, num_chars), text.rfind("\n", num_chars * 3 // 4, num_chars))
+    return text[:end] if end > 0 else ""

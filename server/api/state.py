@@ -91,8 +91,8 @@ class AppState:
         return self.engine
 
 
-def get_state(request: Request) -> AppState:
-    """The app's state (a FastAPI dependency)."""
+async def get_state(request: Request) -> AppState:
+    """The app's state (a FastAPI dependency; async, so FastAPI does not hop to a thread for it)."""
     state = request.app.state.exitserve
     assert isinstance(state, AppState)
     return state
