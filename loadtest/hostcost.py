@@ -1,0 +1,100 @@
+"""Host time per layer step: the engine core's own Python and bookkeeping per step, kernels excluded.
+
+An ``EngineCore`` on the tiny model (1 layer, hidden 32) is fed ``batch`` one-row requests per step, as
+HTTP delivers them, and timed around ``step()`` + ``flush()`` (schedule, the runner's bookkeeping:
+building the batch, the exit decision's one transfer and its unpacking, update, replies encoded). The
+model's own calls (embedding, layer, ramp) are timed separately and subtracted: that is the kernel time
+a bigger model or a GPU changes; what is left is what this code costs per step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SHORT = "Congratulations! You have been selected for a free cruise. Reply today to claim your prize."
+
+
+class _EncodingSink:
+    """Stands in for the core's socket: encodes every message (that cost is the core's), sends nowhere."""
+
+    def send(self, identity: bytes, message: Any) -> None:
+        from server.engine.messages import encode
+
+        encode(message)
+
+
+def _timed(fn: Callable[..., Any], spent: list[float]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    return wrapper
+
+
+def host_step_us(
+    store: Path, model: str, batch_sizes: tuple[int, ...] = (1, 16, 64), num_steps: int = 300
+) -> dict[str, float]:
+    """Median host microseconds per layer step at each batch size."""
+    import torch
+
+    from model_store.policy import CRITERION_CODES, Criterion
+    from model_store.store import ModelStore
+    from model_store.tokens import RowTokenizer
+    from server.engine.core import EngineCore
+    from server.engine.messages import AddRequest
+    from server.engine.types import EngineConfig
+
+    torch.set_grad_enabled(False)
+    loaded = ModelStore(store).load(model)
+    spent = [0.0]
+    for name in ("embed", "run_layer", "ramp_logits"):
+        setattr(loaded.model, name, _timed(getattr(loaded.model, name), spent))
+    ids = RowTokenizer(loaded.tokenizer, loaded.manifest.max_seq_length)([SHORT])[0][0]
+    sink = _EncodingSink()
+    results: dict[str, float] = {}
+    for batch in batch_sizes:
+        config = EngineConfig(
+            max_batch_size=batch,
+            max_wait_ms=0.0,
+            max_queue_wait_ms=None,
+            calibrate_step_cost=False,
+            guard_sample_fraction=0.0,
+        )
+        core = EngineCore(loaded, config)
+        core.handle(b"bench", _hello())
+        request_id = 0
+        samples: list[float] = []
+        for step in range(num_steps + 20):
+            for _ in range(batch):
+                request_id += 1
+                core.handle(
+                    b"bench",
+                    AddRequest(
+                        epoch=core.epoch, request_id=request_id, token_ids=[list(ids)], truncated=[False],
+                        criterion_code=CRITERION_CODES[Criterion.NORMALIZED_ENTROPY], threshold=0.5,
+                        max_layers=1, speed=0.5, speed_is_default=False, deadline_s=None,
+                        arrived_s=time.monotonic(),
+                    ),
+                )  # fmt: skip
+            spent[0] = 0.0
+            started = time.perf_counter()
+            core.step()
+            core.flush(sink)  # type: ignore[arg-type]
+            elapsed = time.perf_counter() - started - spent[0]
+            if step >= 20:  # warm-up steps are not counted
+                samples.append(elapsed)
+        results[str(batch)] = statistics.median(samples) * 1e6
+    return results
+
+
+def _hello() -> Any:
+    from server.engine.messages import Hello
+
+    return Hello(1)
