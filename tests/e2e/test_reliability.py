@@ -96,7 +96,7 @@ def test_overload_at_twice_capacity_keeps_goodput_and_loses_nothing(tmp_path: Pa
     # The defaults, but for the number of front ends.
     server = start_server(tmp_path / "store", tmp_path / "server.log", frontends=frontends)
     options = OverloadOptions(
-        factors=(2.0,), deadline_modes=(DEADLINE_MS, None), duration_s=8.0, capacity_s=4.0, recovery_s=3.0
+        factors=(2.0,), deadline_modes=(DEADLINE_MS, None), duration_s=6.0, capacity_s=4.0, recovery_s=3.0
     )
     try:
         figures = asyncio.run(measure(options, server.base_url, TEXTS))
