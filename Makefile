@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install tools serve test lint typecheck unit bench clean
+.PHONY: install tools serve test lint typecheck unit bench ceiling clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ unit: install
 bench: install
 	$(PY) -m model_store ensure-default --store $(STORE)
 	$(PY) -m loadtest bench --store $(STORE) --out-dir bench-out
+
+# The front-end ceiling (BENCHMARKS.md, "Front-end ceiling"; ~3 min): wrk against a FastAPI hello-world and
+# exitserve on a 1-layer model, host time per layer step, the default model's HTTP vs engine-core throughput.
+ceiling: tools
+	$(PY) -m model_store ensure-default --store $(STORE)
+	$(PY) -m loadtest ceiling --store $(STORE) --out-dir bench-out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

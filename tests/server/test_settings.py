@@ -9,7 +9,7 @@ import pytest
 
 from server.__main__ import main
 from server.engine.types import BatchingMode, EngineConfig
-from server.settings import Settings, flag_name, load_settings
+from server.settings import Settings, available_cores, flag_name, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -153,3 +153,12 @@ def test_admission_and_connection_defaults() -> None:
     assert load_settings(["--max-queue-wait-ms", "none"]).max_queue_wait_ms is None
     assert (s.request_head_timeout_s, s.max_header_bytes, s.max_headers) == (10.0, 32768, 100)
     assert (s.max_request_line_bytes, s.max_connections) == (8192, None)
+
+
+def test_front_ends_default_for_the_machine() -> None:
+    cpu, cuda = Settings(), Settings(device="cuda")
+    assert [cpu.num_frontends(n) for n in (1, 2, 4, 8, 16, 64)] == [1, 2, 2, 2, 4, 4]
+    assert [cuda.num_frontends(n) for n in (1, 2, 16, 64)] == [1, 1, 8, 8]
+    assert Settings(frontends=3).num_frontends(64) == 3
+    assert load_settings(["--frontends", "5"]).frontends == 5
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
