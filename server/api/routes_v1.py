@@ -94,7 +94,7 @@ def to_response(result: EngineResult, labels: list[str], return_probs: bool) -> 
     tags=["v1"],
     summary="Classify one text or a batch of texts",
 )
-async def classify(body: ClassifyRequest, request: Request, response: Response, state: StateDep) -> Any:
+async def classify(body: ClassifyRequest, request: Request, state: StateDep) -> Any:
     """Label each input; easy inputs leave the encoder early. Timings come back in X-*-Time-Ms headers."""
     engine = state.require_engine()
     texts = body.texts
@@ -102,8 +102,10 @@ async def classify(body: ClassifyRequest, request: Request, response: Response, 
     info = engine.model_info
     options = build_options(body, info, state.settings, request_start_s(request))
     result = await engine.classify(texts, options, wait_disconnect=request.receive)
-    response.headers.update(timing_headers(result))
-    return to_response(result, info.labels, body.return_probs)
+    # Serialised here, once: returned as a model, FastAPI would validate it against the response model
+    # again before serialising it (the schema still documents the route).
+    reply = to_response(result, info.labels, body.return_probs).model_dump_json(exclude_none=True)
+    return Response(reply, media_type="application/json", headers=timing_headers(result))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, tags=["v1"])
