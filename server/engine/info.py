@@ -33,6 +33,7 @@ def static_model_info(manifest: Manifest, sample_fraction: float) -> ModelInfo:
         default_criterion=m.default_criterion,
         default_speed=m.default_speed,
         calibration=m.calibration.model_dump(mode="json") if m.calibration else None,
+        calibration_table=m.calibration,
         provenance=m.provenance.model_dump(mode="json"),
         live_guard={
             "sample_fraction": sample_fraction,

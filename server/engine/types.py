@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from model_store.manifest import CalibrationTable
 from model_store.policy import Criterion
 
 
@@ -94,6 +95,9 @@ class ModelInfo:
     default_criterion: Criterion
     default_speed: float
     calibration: dict[str, object] | None = None  # the manifest's calibration table as JSON
+    # The same table, typed (model_store.manifest.CalibrationTable), for resolving accuracy targets once
+    # per request without re-validating the JSON; None without calibration.
+    calibration_table: CalibrationTable | None = None
     provenance: dict[str, object] = field(default_factory=dict)
     live_guard: dict[str, object] | None = None  # live agreement per speed bucket, auto-adjust state
 
