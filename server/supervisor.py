@@ -38,6 +38,10 @@ from server.settings import Settings
 logger = logging.getLogger("exitserve.supervisor")
 CORE_START_TIMEOUT_S = 600.0  # loading and checking a model, then timing a few steps
 STOP_GRACE_S = 5.0
+# A process that dies this soon after its start, this many times in a row, will not come up (a store or
+# tokenizer gone bad): the supervisor stops with exit 1 instead of restarting it forever.
+EARLY_EXIT_S = 10.0
+MAX_EARLY_EXITS = 3
 
 
 def _set_value(value: Any, new: float) -> None:
@@ -98,7 +102,7 @@ def frontend_main(
 ) -> None:
     """One HTTP front-end process: uvicorn on the shared socket, an EngineClient of the core."""
     from model_store.layout import StoreLayout, read_manifest
-    from model_store.tokens import RowTokenizer, load_tokenizer_file
+    from model_store.tokens import TOKENIZER_FILE, RowTokenizer, load_tokenizer_file
     from server.api import create_app
     from server.engine.client import EngineClient
     from server.engine.info import static_model_info
@@ -111,7 +115,13 @@ def frontend_main(
     # end needs neither torch nor transformers (a smaller process, started in about a second).
     version_dir = StoreLayout(settings.store).version_dir(settings.model, settings.model_version)
     manifest = read_manifest(version_dir)
-    tokenizer = load_tokenizer_file(version_dir)
+    tokenizer: Any
+    if (version_dir / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer_file(version_dir)
+    else:  # a store saved without tokenizer.json: transformers builds the fast tokenizer (slower start)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(version_dir))
     engine_config = settings.engine_config()
     info = static_model_info(manifest, engine_config.guard_sample_fraction)
     row_tokenizer = RowTokenizer(tokenizer, manifest.max_seq_length)
@@ -149,6 +159,9 @@ class Supervisor:
         self._frontends: dict[int, BaseProcess] = {}
         self._socket: socket.socket | None = None
         self._stop_requested = False
+        self._started_s: dict[str, float] = {}  # process name -> when it was started
+        self._early_exits: dict[str, int] = {}  # role -> early exits in a row
+        self._failed = False
 
     def run(self) -> int:
         metrics_dir = self._runtime_dir / "metrics"
@@ -198,6 +211,7 @@ class Supervisor:
         )
         process.start()
         self._core = process
+        self._started_s["core"] = time.monotonic()
         if not wait_ready:
             return True
         give_up_s = time.monotonic() + CORE_START_TIMEOUT_S
@@ -217,6 +231,7 @@ class Supervisor:
         )
         process.start()
         self._frontends[index] = process
+        self._started_s[f"front end {index}"] = time.monotonic()
 
     def _watch(self) -> None:
         interval_s = self.settings.engine_config().watchdog_interval_s
@@ -229,6 +244,8 @@ class Supervisor:
                 return
             busy_since_s = self._busy.value
             if not core.is_alive():
+                if self._gave_up("core"):
+                    return
                 self._restart_core(f"the engine core exited (code {core.exitcode})")
             elif busy_since_s and time.monotonic() - busy_since_s > self.settings.step_timeout_s:
                 core.kill()
@@ -236,9 +253,24 @@ class Supervisor:
                 self._restart_core(f"a step ran longer than {self.settings.step_timeout_s:.1f} s")
             for index, process in list(self._frontends.items()):
                 if not process.is_alive() and not self._stop_requested:
+                    if self._gave_up(f"front end {index}"):
+                        return
                     logger.error("front end %d exited (code %s); restarting it", index, process.exitcode)
                     _mark_dead(process)
                     self._start_frontend(index)
+
+    def _gave_up(self, role: str) -> bool:
+        """Count an exit soon after start; True (and stop serving) after ``MAX_EARLY_EXITS`` in a row."""
+        if time.monotonic() - self._started_s.get(role, 0.0) > EARLY_EXIT_S:
+            self._early_exits[role] = 0
+            return False
+        self._early_exits[role] = self._early_exits.get(role, 0) + 1
+        if self._early_exits[role] < MAX_EARLY_EXITS:
+            return False
+        logger.error("%s exited within %.0f s of its start %d times in a row; stopping", role, EARLY_EXIT_S,
+                     MAX_EARLY_EXITS)  # fmt: skip
+        self._failed = True
+        return True
 
     def _restart_core(self, reason: str) -> None:
         logger.error("supervisor: %s; front ends fail its requests with 503, restarting it", reason)
@@ -266,7 +298,7 @@ class Supervisor:
         if self._core is not None:
             self._terminate(self._core)
             _mark_dead(self._core)
-        return 0 if all(code == 0 for code in codes) else 1
+        return 0 if all(code == 0 for code in codes) and not self._failed else 1
 
     @staticmethod
     def _terminate(process: BaseProcess) -> None:

@@ -231,3 +231,30 @@ def test_hung_core_is_killed_and_replaced(tmp_path: Path) -> None:
     finally:
         code = running.terminate(60)
     assert code == 0
+
+
+def test_a_core_that_keeps_dying_stops_the_server_with_exit_1(tmp_path: Path) -> None:
+    """Crash-loop protection: a core that dies soon after every start is not restarted forever."""
+    import os
+
+    running = start_server(
+        save_tiny_store(tmp_path / "store").root, tmp_path / "server.log", frontends=2
+    )  # fmt: skip
+    try:
+        # Three deaths within 10 s of their start stop it (the first core may have served longer on a
+        # slow machine: then it takes a fourth).
+        for epoch in range(1, 6):
+            give_up_s = time.monotonic() + 60
+            while not (match := re.search(rf"engine core {epoch} \(pid (\d+)\) serving", running.log())):
+                if running.process.poll() is not None:
+                    break
+                assert time.monotonic() < give_up_s, running.log()
+                time.sleep(0.05)
+            if running.process.poll() is not None or match is None:
+                break
+            os.kill(int(match.group(1)), signal.SIGKILL)
+        code = running.process.wait(timeout=60)
+    finally:
+        running.terminate(10)
+    assert code == 1, running.log()
+    assert "exited within 10 s of its start 3 times in a row; stopping" in running.log()
