@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         le=64,
         description="HTTP front-end processes on one port; 1 = one process with the engine core as a "
         "thread, N > 1 = N front ends feeding one engine-core process; none = chosen for the machine "
-        "(CPU: 2, or cores / 4 up to 4 on more than 8 cores; 1 on one core; CUDA: cores / 2 up to 8)",
+        "(CPU: 1 up to 2 cores, 2 up to 8, then cores / 4 up to 4; CUDA: cores / 2 up to 8)",
     )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
@@ -186,15 +186,16 @@ class Settings(BaseSettings):
         return value
 
     def num_frontends(self, num_cores: int | None = None) -> int:
-        """``frontends``, or the machine's default. Measured on 2 cores: 2 front ends served 1.3-1.4x the
-        requests of one on the tiny model and 1.08x on the default model (BENCHMARKS.md); more would only
-        take cores from the model. A GPU needs more front ends to keep it fed."""
+        """``frontends``, or the machine's default. On 2 cores, 2 front ends served 1.3-1.4x the requests
+        of one on the tiny model but only 1.08x on the default model, and under 2x overload their work
+        (refusing half the requests) took CPU from the model: goodput fell to 72-111 % of capacity, from
+        93-108 % with one. So one up to 2 cores, then 2, then cores / 4. A GPU needs more to stay fed."""
         if self.frontends is not None:
             return self.frontends
         cores = num_cores if num_cores is not None else available_cores()
         if self.device.startswith("cuda"):
             return max(1, min(8, cores // 2))
-        return 1 if cores < 2 else max(2, min(4, cores // 4))
+        return 1 if cores <= 2 else max(2, min(4, cores // 4))
 
     def engine_config(self) -> EngineConfig:
         """The engine's knobs, taken from these settings."""

@@ -128,7 +128,7 @@ def frontend_main(
     holder: dict[str, Any] = {}
 
     def build(observer: EngineObserver) -> RemoteEngine:
-        client = EngineClient(info, row_tokenizer, engine_config, observer)
+        client = EngineClient(info, row_tokenizer, engine_config, observer, settings.num_frontends())
         return RemoteEngine(client, address, lambda: int(epoch_value.value), on_orphaned=orphaned)
 
     def orphaned() -> None:

@@ -82,9 +82,13 @@ class EngineClient:
         tokenizer: RowTokenizer,
         config: EngineConfig,
         observer: EngineObserver | None = None,
+        num_peers: int = 1,
     ) -> None:
         self.config = config
         self._observer: EngineObserver = observer or NullObserver()
+        # Front ends feeding the same core (this one included): each assumes the others sent as much as
+        # it did since the core's last report, which it cannot see.
+        self._num_peers = max(1, num_peers)
         self._static_info = info
         self._info = info
         self._tokenizer = tokenizer
@@ -267,7 +271,7 @@ class EngineClient:
         try:
             check_admission(
                 self._prediction,
-                self._ahead + self._sent,
+                self._ahead + _scaled(self._sent, self._num_peers),
                 num_rows,
                 mean_tokens,
                 layers,
@@ -389,6 +393,12 @@ class EngineClient:
             entry = self._pending.pop(failed.request_id, None)
             if entry is not None and not entry.future.done():
                 entry.future.set_exception(_error_of(failed))
+
+
+def _scaled(backlog: Backlog, factor: int) -> Backlog:
+    if factor == 1:
+        return backlog
+    return Backlog(backlog.row_layers * factor, backlog.token_layers * factor, backlog.chain_layers)
 
 
 def _error_of(failed: Failed) -> EngineError:

@@ -100,7 +100,7 @@ def start_server(
     raise RuntimeError(f"server not ready in 60 s:\n{server.log()}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     return save_tiny_store(tmp_path_factory.mktemp("store"), default_speed=0.5)
 
@@ -110,12 +110,14 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 FRONTENDS = (1, 2)
 
 
-@pytest.fixture(scope="module", params=FRONTENDS, ids=lambda n: f"frontends={n}")
+@pytest.fixture(scope="session", params=FRONTENDS, ids=lambda n: f"frontends={n}")
 def frontends(request: pytest.FixtureRequest) -> int:
     return int(request.param)
 
 
-@pytest.fixture(scope="module")
+# One server per front-end count for the whole session (starting one costs seconds; tests that need other
+# settings start their own). Tests on it compare metrics before and after, never absolute counts.
+@pytest.fixture(scope="session")
 def server(
     tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory, frontends: int
 ) -> Iterator[ServerProcess]:

@@ -4,6 +4,7 @@ disconnects, and a core killed with SIGKILL (two front ends: the core is a proce
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -78,6 +79,9 @@ def test_metrics_are_one_view_of_every_front_end(server: ServerProcess, frontend
 def test_models_and_readiness_read_the_same_from_every_front_end(
     server: ServerProcess, frontends: int
 ) -> None:
+    # The live guard's figures move while shadow rows (from earlier tests) finish; once they are done the
+    # core's status carries the same figures to every front end within its 0.25 s interval.
+    time.sleep(1.0)
     bodies = set()
     for _ in range(30):
         assert httpx.get(f"{server.base_url}/readyz").status_code == 200
@@ -150,23 +154,22 @@ def test_disconnected_client_rows_are_dropped(heavy: ServerProcess) -> None:
 
 
 def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -> None:
+    """SIGKILL the core: its in-flight requests get 503 at once and a new core serves. Then a core that
+    keeps dying soon after its start: the server stops with exit 1, not a restart loop."""
     save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
     running = start_server(
         tmp_path / "store", tmp_path / "server.log", "--max-batch-size", "4", "--max-queue-wait-ms", "none",
         frontends=2,
     )  # fmt: skip
     try:
-        match = re.search(r"engine core 1 \(pid (\d+)\) serving", running.log())
-        assert match, running.log()
-        core_pid = int(match.group(1))
+        core_pid = _core_pid(running, 1)
 
         async def scenario() -> tuple[list[httpx.Response], float]:
             async with httpx.AsyncClient(base_url=running.base_url, timeout=30) as client:
                 job = {"inputs": ["word " * 120] * 32, "speed": 0.0}
                 tasks = [asyncio.create_task(client.post("/v1/classify", json=job)) for _ in range(6)]
                 await asyncio.sleep(0.5)  # admitted and computing
-                import os
-
+                assert core_pid is not None
                 os.kill(core_pid, signal.SIGKILL)
                 killed_s = time.monotonic()
                 responses = await asyncio.gather(*tasks)
@@ -183,17 +186,35 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
         ok = httpx.post(f"{running.base_url}/v1/classify", json={"inputs": ["back again"]}, timeout=30)
         assert ok.status_code == 200, ok.text
         assert _metric(_metrics(running), "exitserve_engine_restarts_total") == 1.0
-        assert "engine core 2 (pid" in running.log()
+
+        # Crash-loop protection: three deaths within 10 s of their start stop the server (core 1 may
+        # have lived longer than that on a slow machine; then it takes one more).
+        for epoch in range(2, 6):
+            pid = _core_pid(running, epoch)
+            if pid is None:
+                break
+            os.kill(pid, signal.SIGKILL)
+        code = running.process.wait(timeout=60)
     finally:
-        code = running.terminate(60)
-    assert code == 0
+        running.terminate(10)
+    assert code == 1, running.log()
+    assert "exited within 10 s of its start 3 times in a row; stopping" in running.log()
+
+
+def _core_pid(running: ServerProcess, epoch: int) -> int | None:
+    """The pid of core ``epoch`` once it serves; None if the server exited first."""
+    give_up_s = time.monotonic() + 60
+    while not (match := re.search(rf"engine core {epoch} \(pid (\d+)\) serving", running.log())):
+        if running.process.poll() is not None:
+            return None
+        assert time.monotonic() < give_up_s, running.log()
+        time.sleep(0.05)
+    return int(match.group(1))
 
 
 def test_hung_core_is_killed_and_replaced(tmp_path: Path) -> None:
     """A core stopped in the middle of a step (SIGSTOP: hung, from outside) is killed by the supervisor
     once the step has run past --step-timeout-s; its requests get 503 and a new core serves."""
-    import os
-
     save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
     running = start_server(
         tmp_path / "store", tmp_path / "server.log",
@@ -201,9 +222,8 @@ def test_hung_core_is_killed_and_replaced(tmp_path: Path) -> None:
         frontends=2,
     )  # fmt: skip
     try:
-        match = re.search(r"engine core 1 \(pid (\d+)\) serving", running.log())
-        assert match, running.log()
-        core_pid = int(match.group(1))
+        core_pid = _core_pid(running, 1)
+        assert core_pid is not None
 
         async def scenario() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=running.base_url, timeout=30) as client:
@@ -231,30 +251,3 @@ def test_hung_core_is_killed_and_replaced(tmp_path: Path) -> None:
     finally:
         code = running.terminate(60)
     assert code == 0
-
-
-def test_a_core_that_keeps_dying_stops_the_server_with_exit_1(tmp_path: Path) -> None:
-    """Crash-loop protection: a core that dies soon after every start is not restarted forever."""
-    import os
-
-    running = start_server(
-        save_tiny_store(tmp_path / "store").root, tmp_path / "server.log", frontends=2
-    )  # fmt: skip
-    try:
-        # Three deaths within 10 s of their start stop it (the first core may have served longer on a
-        # slow machine: then it takes a fourth).
-        for epoch in range(1, 6):
-            give_up_s = time.monotonic() + 60
-            while not (match := re.search(rf"engine core {epoch} \(pid (\d+)\) serving", running.log())):
-                if running.process.poll() is not None:
-                    break
-                assert time.monotonic() < give_up_s, running.log()
-                time.sleep(0.05)
-            if running.process.poll() is not None or match is None:
-                break
-            os.kill(int(match.group(1)), signal.SIGKILL)
-        code = running.process.wait(timeout=60)
-    finally:
-        running.terminate(10)
-    assert code == 1, running.log()
-    assert "exited within 10 s of its start 3 times in a row; stopping" in running.log()

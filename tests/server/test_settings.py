@@ -157,7 +157,7 @@ def test_admission_and_connection_defaults() -> None:
 
 def test_front_ends_default_for_the_machine() -> None:
     cpu, cuda = Settings(), Settings(device="cuda")
-    assert [cpu.num_frontends(n) for n in (1, 2, 4, 8, 16, 64)] == [1, 2, 2, 2, 4, 4]
+    assert [cpu.num_frontends(n) for n in (1, 2, 4, 8, 16, 64)] == [1, 1, 2, 2, 4, 4]
     assert [cuda.num_frontends(n) for n in (1, 2, 16, 64)] == [1, 1, 8, 8]
     assert Settings(frontends=3).num_frontends(64) == 3
     assert load_settings(["--frontends", "5"]).frontends == 5
