@@ -67,6 +67,7 @@ class LocalEngine:
         self._epoch = 0
         self.core: EngineCore | None = None
         self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []  # every core thread started, hung ones included
         self._core_failed: BaseException | None = None
         self._stopping = False
         self._started = False
@@ -93,6 +94,7 @@ class LocalEngine:
             target=self._core_main, args=(epoch, address, ready), name="exitserve-engine", daemon=True
         )
         self._thread.start()
+        self._threads.append(self._thread)
         await asyncio.to_thread(ready.wait, START_TIMEOUT_S)
         if self._core_failed is not None:
             raise RuntimeError("the engine core failed to start") from self._core_failed
@@ -133,13 +135,19 @@ class LocalEngine:
         while not self._stopping:
             await asyncio.sleep(self.config.watchdog_interval_s)
             thread, core = self._thread, self.core
-            if self._stopping or thread is None or core is None:
+            if self._stopping or thread is None:
                 continue
-            busy_since_s = core.busy_since_s
-            if not thread.is_alive():
-                await self._restart("the engine thread died")
-            elif busy_since_s and self._clock() - busy_since_s > self.config.step_timeout_s:
-                await self._restart(f"a step ran longer than {self.config.step_timeout_s:.1f} s")
+            try:
+                if not thread.is_alive():
+                    await self._restart("the engine thread died" if core else "the core failed to start")
+                elif self._hung(core):
+                    await self._restart(f"a step ran longer than {self.config.step_timeout_s:.1f} s")
+            except Exception:  # the new core did not start: tried again at the next interval
+                logger.exception("engine supervisor: the restarted core failed to start")
+
+    def _hung(self, core: EngineCore | None) -> bool:
+        busy_since_s = core.busy_since_s if core is not None else 0.0
+        return bool(busy_since_s) and self._clock() - busy_since_s > self.config.step_timeout_s
 
     async def _restart(self, reason: str) -> None:
         logger.error("engine supervisor: %s; failing in-flight requests and restarting the core", reason)
@@ -167,8 +175,10 @@ class LocalEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
         self.client.close()
-        if self._context is not None and not (self._thread is not None and self._thread.is_alive()):
-            self._context.term()  # every socket is closed by now (a hung core keeps its own: left be)
+        # Every socket is closed by now, unless a hung core thread still holds its own: then the context
+        # is left to the process's exit (terminating it would wait for that thread forever).
+        if self._context is not None and not any(t.is_alive() for t in self._threads):
+            self._context.term()
 
     # --- the ServingEngine contract ------------------------------------------------------------------
 
