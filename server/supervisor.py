@@ -171,11 +171,18 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         try:
-            if not self._start_core(wait_ready=True):
+            try:
+                self._socket = self._bind()
+            except OSError as e:
+                logger.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, e)
                 return 1
-            self._socket = self._bind()
+            # The front ends start while the core loads the model (they answer /readyz 503 meanwhile).
+            self._start_core()
             for index in range(self.num_frontends):
                 self._start_frontend(index)
+            if not self._wait_core_ready():
+                self._shutdown()
+                return 1
             logger.info(
                 "serving on %s:%d with %d front ends and one engine core",
                 self.settings.host,
@@ -201,7 +208,7 @@ class Supervisor:
         sock.set_inheritable(True)
         return sock
 
-    def _start_core(self, wait_ready: bool = False) -> bool:
+    def _start_core(self) -> None:
         self._core_epoch += 1
         self._busy.value = 0.0
         process = self._mp.Process(
@@ -212,8 +219,11 @@ class Supervisor:
         process.start()
         self._core = process
         self._started_s["core"] = time.monotonic()
-        if not wait_ready:
-            return True
+
+    def _wait_core_ready(self) -> bool:
+        """Wait for the first core to serve; False if it exited, a stop was asked for or it took too long."""
+        process = self._core
+        assert process is not None
         give_up_s = time.monotonic() + CORE_START_TIMEOUT_S
         while self._epoch.value != self._core_epoch:
             if not process.is_alive() or self._stop_requested or time.monotonic() > give_up_s:
