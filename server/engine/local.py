@@ -172,8 +172,8 @@ class LocalEngine:
         self._stopping = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5.0)
+        for thread in self._threads:  # the current core, and any stale one that has come back
+            await asyncio.to_thread(thread.join, 5.0 if thread is self._thread else 1.0)
         self.client.close()
         # Every socket is closed by now, unless a hung core thread still holds its own: then the context
         # is left to the process's exit (terminating it would wait for that thread forever).
