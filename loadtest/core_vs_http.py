@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from loadtest.servers import ServerSpec, running
+from server.settings import Settings
 
 
 class _Collect:
@@ -92,7 +93,7 @@ def core_vs_http(options: Any, emails: list[str]) -> dict[str, Any]:
     with running(ServerSpec("default-model", argv), options.out_dir / "logs") as server:
         bodies = [json.dumps({"inputs": [t]}).encode() for t in sample]
         http = run_wrk(server.url, bodies, options, server.pid)
-        frontends = _frontends(server.log_path)
+        frontends = Settings().num_frontends()  # the server ran with the default for this machine
     return {
         "model": options.model,
         "speed": core["speed"],
@@ -106,9 +107,3 @@ def core_vs_http(options: Any, emails: list[str]) -> dict[str, Any]:
         "frontends": frontends,
         "ratio": http["ok_rps"] / core["rps"],
     }
-
-
-def _frontends(log_path: Any) -> int:
-    from server.settings import Settings
-
-    return Settings().num_frontends()
