@@ -186,10 +186,11 @@ class Settings(BaseSettings):
         return value
 
     def num_frontends(self, num_cores: int | None = None) -> int:
-        """``frontends``, or the machine's default. On 2 cores, 2 front ends served 1.3-1.4x the requests
+        """``frontends``, or the machine's default. On 2 cores, 2 front ends served 1.2-1.4x the requests
         of one on the tiny model but only 1.08x on the default model, and under 2x overload their work
-        (refusing half the requests) took CPU from the model: goodput fell to 72-111 % of capacity, from
-        93-108 % with one. So one up to 2 cores, then 2, then cores / 4. A GPU needs more to stay fed."""
+        (refusing half the requests) took CPU from the model: goodput 72-111 % of capacity in the e2e
+        runs seen, against 93-108 % for one process. So one up to 2 cores, then 2, then cores / 4. A GPU
+        needs more to stay fed."""
         if self.frontends is not None:
             return self.frontends
         cores = num_cores if num_cores is not None else available_cores()
