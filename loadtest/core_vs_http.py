@@ -56,13 +56,13 @@ def core_alone_rps(options: Any, emails: list[str]) -> dict[str, Any]:
     core.handle(b"bench", Hello(1))
 
     def add(i: int) -> None:
-        ids, truncated = rows[i % len(rows)]
+        ids, _ = rows[i % len(rows)]
         core.handle(
             b"bench",
             AddRequest(
-                epoch=core.epoch, request_id=i, token_ids=[list(ids)], truncated=[truncated],
+                epoch=core.epoch, request_id=i, token_ids=[list(ids)],
                 criterion_code=code, threshold=threshold, max_layers=m.num_layers, speed=m.default_speed,
-                speed_is_default=True, deadline_s=None, arrived_s=time.monotonic(),
+                speed_is_default=True, deadline_s=None,
             ),
         )  # fmt: skip
 

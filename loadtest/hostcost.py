@@ -77,10 +77,9 @@ def host_step_us(
                 core.handle(
                     b"bench",
                     AddRequest(
-                        epoch=core.epoch, request_id=request_id, token_ids=[list(ids)], truncated=[False],
+                        epoch=core.epoch, request_id=request_id, token_ids=[list(ids)],
                         criterion_code=CRITERION_CODES[Criterion.NORMALIZED_ENTROPY], threshold=0.5,
                         max_layers=1, speed=0.5, speed_is_default=False, deadline_s=None,
-                        arrived_s=time.monotonic(),
                     ),
                 )  # fmt: skip
             spent[0] = 0.0

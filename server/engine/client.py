@@ -168,10 +168,6 @@ class EngineClient:
     def model_info(self) -> ModelInfo:
         return self._info
 
-    @property
-    def default_speed(self) -> float:
-        return self._info.default_speed
-
     # --- requests -----------------------------------------------------------------------------------
 
     async def classify(
@@ -223,7 +219,6 @@ class EngineClient:
                 epoch=self._epoch,
                 request_id=request_id,
                 token_ids=[list(ids) for ids, _ in encoded],
-                truncated=truncated,
                 criterion_code=CRITERION_CODES[options.criterion],
                 threshold=threshold_for(
                     options.criterion, options.speed, len(self._labels), self._num_layers
@@ -232,7 +227,6 @@ class EngineClient:
                 speed=options.speed,
                 speed_is_default=options.speed_is_default,
                 deadline_s=options.deadline_s,
-                arrived_s=time.monotonic(),
             )
         )
         if wait_disconnect is None:

@@ -190,10 +190,6 @@ class LocalEngine:
     def model_info(self) -> ModelInfo:
         return self.client.model_info
 
-    @property
-    def default_speed(self) -> float:
-        return self.client.default_speed
-
     async def classify(
         self, texts: list[str], options: ClassifyOptions, wait_disconnect: WaitDisconnect | None = None
     ) -> ClassifyResult:

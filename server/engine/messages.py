@@ -39,14 +39,12 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     epoch: int
     request_id: int  # unique per front end
     token_ids: list[list[int]]
-    truncated: list[bool]
     criterion_code: int
     threshold: float  # native threshold of the criterion (model_store.criteria.threshold_for)
     max_layers: int  # clamped to the model's depth
     speed: float
     speed_is_default: bool
     deadline_s: float | None  # absolute time.monotonic(); the same clock in every process of one host
-    arrived_s: float
 
 
 class AbortRequest(msgspec.Struct, tag=True, array_like=True):
