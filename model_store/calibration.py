@@ -16,7 +16,7 @@ import torch
 
 from model_store.criteria import CRITERION_CODES, Criterion, PatienceState, decide_exits, threshold_for
 from model_store.early_exit import EarlyExitClassifier
-from model_store.manifest import CalibrationPoint, CalibrationTable
+from model_store.manifest import CONFIDENCE_EDGES, AgreementTable, CalibrationPoint, CalibrationTable
 from model_store.reference import RowPolicies, early_exit_forward
 
 DEFAULT_SPEEDS = tuple(round(0.05 * i, 2) for i in range(21))
@@ -120,7 +120,41 @@ def calibrate(
         full_depth_accuracy=full_depth[-1],
         per_layer_accuracy=full_depth,
         points=points,
+        agreement_table=agreement_table(layer_logits),
     )
+
+
+def exit_candidates(layer_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (row, layer): confidence (top probability), agreement with the last layer's answer, and
+    whether the row counts there for the trust figure (confidence at least every earlier ramp's)."""
+    probs = torch.softmax(layer_logits.float(), dim=-1)
+    confidence, predictions = probs.max(dim=-1)
+    agreed = predictions == predictions[:, -1:]
+    running_max = torch.cummax(confidence, dim=1).values
+    counts = confidence >= running_max - 1e-12
+    return confidence, agreed, counts
+
+
+def agreement_table(
+    layer_logits: torch.Tensor, edges: tuple[float, ...] = CONFIDENCE_EDGES
+) -> AgreementTable:
+    """The trust figure's counts (``manifest.AgreementTable``) from per-layer logits of one split."""
+    confidence, agreed, counts = exit_candidates(layer_logits)
+    num_layers = layer_logits.shape[1]
+    table = AgreementTable(
+        confidence_edges=list(edges),
+        num_rows=[[0] * (len(edges) - 1) for _ in range(num_layers)],
+        num_agreed=[[0] * (len(edges) - 1) for _ in range(num_layers)],
+    )
+    for layer in range(num_layers):
+        for conf, agree, counted in zip(
+            confidence[:, layer].tolist(), agreed[:, layer].tolist(), counts[:, layer].tolist(), strict=True
+        ):
+            if counted:
+                b = table.bin_index(conf)
+                table.num_rows[layer][b] += 1
+                table.num_agreed[layer][b] += int(agree)
+    return table
 
 
 def pick_default(table: CalibrationTable, max_drop: float = MAX_ACCURACY_DROP) -> CalibrationPoint:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from model_store.policy import Criterion
 
@@ -50,6 +51,58 @@ class CalibrationPoint(BaseModel):
     )
 
 
+CONFIDENCE_EDGES = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+
+class AgreementTable(BaseModel):
+    """The trust figure: how often an answer from ramp ``layer`` with confidence (its top probability)
+    in a bin equals the full-depth answer, counted on the calibration split.
+
+    A row counts at a layer when its confidence there is at least that of every earlier ramp: only then
+    can a confidence-threshold policy exit there, so easy rows, which every policy lets go earlier, do
+    not inflate a deeper layer's figure. Each row counts at most once per layer.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    confidence_edges: list[float] = Field(
+        default_factory=lambda: list(CONFIDENCE_EDGES),
+        description="bin b holds confidences in [edges[b], edges[b+1]); the last bin includes 1.0",
+    )
+    num_rows: list[list[int]] = Field(description="[layer - 1][bin]: rows counted")
+    num_agreed: list[list[int]] = Field(description="[layer - 1][bin]: of those, equal to full depth")
+    _estimates: list[list[float]] | None = PrivateAttr(default=None)
+
+    def bin_index(self, confidence: float) -> int:
+        edges = self.confidence_edges
+        return max(0, min(len(edges) - 2, bisect.bisect_right(edges, confidence) - 1))
+
+    def bin_label(self, index: int) -> str:
+        return f"{self.confidence_edges[index]:g}-{self.confidence_edges[index + 1]:g}"
+
+    def estimates(self) -> list[list[float]]:
+        """[layer - 1][bin]: the stated figure, (agreed + 0.5) / (rows + 1) (a bin's few rows do not
+        claim certainty); a bin with no rows states its layer's figure; the last layer states 1."""
+        if self._estimates is None:
+            table: list[list[float]] = []
+            num_layers = len(self.num_rows)
+            for layer, (rows, agreed) in enumerate(zip(self.num_rows, self.num_agreed, strict=True), 1):
+                pooled = (sum(agreed) + 0.5) / (sum(rows) + 1)
+                table.append(
+                    [
+                        1.0 if layer == num_layers else (a + 0.5) / (n + 1) if n else pooled
+                        for n, a in zip(rows, agreed, strict=True)
+                    ]
+                )
+            self._estimates = table
+        return self._estimates
+
+    def agreement(self, exit_layer: int, confidence: float) -> float:
+        """The stated probability that an answer from ``exit_layer`` at ``confidence`` is full depth's."""
+        estimates = self.estimates()
+        layer = max(1, min(len(estimates), exit_layer))
+        return round(estimates[layer - 1][self.bin_index(confidence)], 4)
+
+
 class CalibrationTable(BaseModel):
     """Speed-accuracy sweep measured after training; filled in by the calibration step."""
 
@@ -59,6 +112,9 @@ class CalibrationTable(BaseModel):
     full_depth_accuracy: float = Field(ge=0.0, le=1.0)
     per_layer_accuracy: list[float] = Field(default_factory=list, description="ramp k at index k-1")
     points: list[CalibrationPoint] = Field(default_factory=list)
+    agreement_table: AgreementTable | None = Field(
+        default=None, description="trust figure per (exit layer, confidence bin); none in older versions"
+    )
 
 
 def conservative_drop(table: CalibrationTable, point: CalibrationPoint) -> float:

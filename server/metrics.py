@@ -8,7 +8,7 @@ low-cardinality: the model name, a route template, a status code, a layer number
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,6 +19,9 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from model_store.manifest import AgreementTable
 
 PREFIX = "exitserve"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -177,6 +180,51 @@ class ServerMetrics:
             registry=reg,
             multiprocess_mode=LATEST,
         ).labels(model)
+        # The trust figure (model_store.manifest.AgreementTable), checked live by the shadow re-runs.
+        self._trust_samples = Counter(
+            f"{PREFIX}_guard_trust_samples",
+            "Shadow re-runs of early exits by exit layer and confidence bin, and whether the early answer "
+            "agreed with full depth",
+            ["model", "layer", "bin", "agreed"],
+            registry=reg,
+        )
+        self._trust_stated = Gauge(
+            f"{PREFIX}_trust_stated_agreement",
+            "Calibrated probability that an answer from this exit layer and confidence bin equals the "
+            "full-depth answer (what replies state as full_depth_agreement)",
+            ["model", "layer", "bin"],
+            registry=reg,
+            multiprocess_mode=LATEST,
+        )
+        # Anytime answers and degradation under overload.
+        self._deadline_exits = Counter(
+            f"{PREFIX}_deadline_exit_rows",
+            "Best-effort rows answered at their deadline from the deepest ramp computed",
+            ["model"],
+            registry=reg,
+        ).labels(model)
+        self._degraded_rows = Counter(
+            f"{PREFIX}_degraded_rows",
+            "Rows run at a faster setting than asked, under overload, within the accuracy drop their "
+            "request allows; bucket = the asked speed rounded down to 0.1",
+            ["model", "bucket"],
+            registry=reg,
+        )
+        self._effective_speed = Gauge(
+            f"{PREFIX}_effective_speed",
+            "Speed the latest admitted request that allows degradation runs at, per asked-speed bucket",
+            ["model", "bucket"],
+            registry=reg,
+            multiprocess_mode=LATEST,
+        )
+        self._predicted_drop = Gauge(
+            f"{PREFIX}_predicted_accuracy_drop_points",
+            "Calibrated accuracy drop against full depth (95 % upper bound, points) of the setting the "
+            "latest admitted request that allows degradation runs at, per asked-speed bucket",
+            ["model", "bucket"],
+            registry=reg,
+            multiprocess_mode=LATEST,
+        )
 
     # --- set-up -------------------------------------------------------------------------------------
 
@@ -184,6 +232,12 @@ class ServerMetrics:
         """Publish the calibrated agreement per speed bucket, next to the live tallies."""
         for bucket, agreement in expected_agreement.items():
             self._guard_expected.labels(self.model, bucket).set(agreement)
+
+    def set_trust_table(self, table: AgreementTable) -> None:
+        """Publish the stated trust figure per (exit layer, confidence bin) next to the live tallies."""
+        for layer, row in enumerate(table.estimates()[:-1], 1):  # the last layer is full depth itself
+            for index, stated in enumerate(row):
+                self._trust_stated.labels(self.model, str(layer), table.bin_label(index)).set(stated)
 
     def bind_model(self, num_layers: int, default_speed: float | None = None) -> None:
         """Create the per-layer metrics for a model of ``num_layers`` layers (buckets le=1..L)."""
@@ -261,6 +315,9 @@ class ServerMetrics:
     def guard_result(self, bucket: str, agreed: bool) -> None:
         self._guard_samples.labels(self.model, bucket, "true" if agreed else "false").inc()
 
+    def guard_trust_result(self, layer: int, bin_label: str, agreed: bool) -> None:
+        self._trust_samples.labels(self.model, str(layer), bin_label, "true" if agreed else "false").inc()
+
     def guard_dropped(self, num_rows: int) -> None:
         self._guard_dropped.inc(num_rows)
 
@@ -276,3 +333,12 @@ class ServerMetrics:
 
     def predicted_backlog(self, seconds: float) -> None:
         self._predicted_backlog.set(seconds)
+
+    def deadline_exits(self, num_rows: int) -> None:
+        self._deadline_exits.inc(num_rows)
+
+    def admitted_at(self, bucket: str, speed: float, drop_pts: float, num_degraded_rows: int) -> None:
+        self._effective_speed.labels(self.model, bucket).set(speed)
+        self._predicted_drop.labels(self.model, bucket).set(drop_pts)
+        if num_degraded_rows:
+            self._degraded_rows.labels(self.model, bucket).inc(num_degraded_rows)

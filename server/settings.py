@@ -127,6 +127,20 @@ class Settings(BaseSettings):
     default_deadline_ms: int | None = Field(
         default=None, gt=0, description="deadline for requests that set none (else 504); none = no deadline"
     )
+    overload_max_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="under overload, requests that set no speed may run faster calibrated settings that "
+        "lose at most this many accuracy points against full depth (calibrated upper bound) before any is "
+        "refused with 429; a request's own overload_max_accuracy_drop overrides it; none = never degrade",
+    )
+    target_latency_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="latency target for requests without a deadline that allow degradation: they run a "
+        "faster setting when predicted to be answered later than this; none = degrade for deadlines only",
+    )
     strict_length: bool = Field(
         default=False, description="refuse inputs longer than the model takes (413) instead of truncating"
     )
@@ -148,6 +162,8 @@ class Settings(BaseSettings):
         "default_deadline_ms",
         "auto_adjust_target_agreement",
         "max_queue_wait_ms",
+        "overload_max_accuracy_drop",
+        "target_latency_ms",
         "max_connections",
         mode="before",
     )
@@ -206,6 +222,7 @@ class Settings(BaseSettings):
             max_wait_ms=self.max_wait_ms,
             max_queue_size=self.max_queue_size,
             max_queue_wait_ms=self.max_queue_wait_ms,
+            target_latency_ms=self.target_latency_ms,
             max_inputs_per_request=self.max_inputs_per_request,
             mode=self.batching,
             max_inflight_rows=self.max_inflight_rows,

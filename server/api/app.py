@@ -50,6 +50,8 @@ def create_app(
         expected = (info.live_guard or {}).get("expected_agreement")
         if isinstance(expected, dict):
             metrics.set_guard_expectation({str(k): float(v) for k, v in expected.items()})
+        if info.calibration_table is not None and info.calibration_table.agreement_table is not None:
+            metrics.set_trust_table(info.calibration_table.agreement_table)
         metrics.set_ready_function(state.is_ready)
         await engine.start()
         state.engine = engine

@@ -72,6 +72,10 @@ def to_response(result: EngineResult, labels: list[str], return_probs: bool) -> 
         version=result.version,
         speed=result.speed,
         criterion=result.criterion,
+        degraded=True if result.degraded else None,
+        requested_speed=result.requested_speed,
+        requested_criterion=result.requested_criterion,
+        predicted_accuracy_drop=result.predicted_drop_pts,
         results=[
             ClassifyResult(
                 label=row.label,
@@ -79,6 +83,8 @@ def to_response(result: EngineResult, labels: list[str], return_probs: bool) -> 
                 exit_layer=row.exit_layer,
                 num_layers_run=row.num_layers_run,
                 truncated=row.truncated,
+                full_depth_agreement=row.full_depth_agreement,
+                deadline_exit=True if row.deadline_exit else None,
                 probs=dict(zip(labels, row.probs, strict=True)) if return_probs else None,
             )
             for row in result.rows

@@ -3,7 +3,10 @@
 ``POST /v2/models/{name}/infer`` takes one BYTES input tensor of texts (JSON data; the binary tensor
 extension is refused with 415) and answers the tensors ``label`` (BYTES), ``score`` (FP32),
 ``exit_layer`` (INT32), ``num_layers_run`` (INT32) and ``truncated`` (BOOL); ``probs`` (FP32, shape
-[n, labels]) on request. Request ``parameters`` may carry speed, criterion, max_layers and deadline_ms.
+[n, labels]) on request, and ``full_depth_agreement`` (FP32, the trust figure); ``deadline_exit`` (BOOL)
+is sent by default for best-effort requests. Request ``parameters`` take the v1 options (speed,
+criterion, max_layers, deadline_ms, on_deadline, overload_max_accuracy_drop, accuracy targets); the reply's
+parameters say the speed and criterion used, and whether overload degraded them.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ OUTPUTS: dict[str, tuple[str, bool]] = {
     "num_layers_run": ("INT32", True),
     "truncated": ("BOOL", True),
     "probs": ("FP32", False),
+    "full_depth_agreement": ("FP32", False),
+    "deadline_exit": ("BOOL", False),  # sent by default when the request is best effort
 }
 OPTION_PARAMETERS = tuple(RequestOptions.model_fields)
 
@@ -106,16 +111,38 @@ def _options_of(parameters: dict[str, Any] | None) -> RequestOptions:
         raise RequestValidationError(errors) from None
 
 
-def _output_names(requested: list[InferRequestedOutput] | None) -> list[str]:
+def _output_names(
+    requested: list[InferRequestedOutput] | None, info: ModelInfo, best_effort: bool
+) -> list[str]:
     """The outputs to send: those asked for (each must exist), else the default ones."""
     if requested is None:
-        return [name for name, (_, by_default) in OUTPUTS.items() if by_default]
+        names = [name for name, (_, by_default) in OUTPUTS.items() if by_default]
+        return [*names, "deadline_exit"] if best_effort else names
     names = [output.name for output in requested]
     for index, name in enumerate(names):
         if name not in OUTPUTS:
             known = ", ".join(OUTPUTS)
             raise InvalidRequestError(f"unknown output {name!r}; outputs: {known}", f"outputs[{index}].name")
+        if name == "full_depth_agreement" and (
+            info.calibration_table is None or info.calibration_table.agreement_table is None
+        ):
+            raise InvalidRequestError(
+                "this model's calibration has no trust table (recalibrate it to get one)",
+                f"outputs[{index}].name",
+            )
     return names
+
+
+def _reply_parameters(result: ClassifyResult) -> dict[str, Any]:
+    parameters: dict[str, Any] = {"speed": result.speed, "criterion": str(result.criterion)}
+    if result.degraded:
+        parameters.update(
+            degraded=True,
+            requested_speed=result.requested_speed,
+            requested_criterion=str(result.requested_criterion),
+            predicted_accuracy_drop=result.predicted_drop_pts,
+        )
+    return parameters
 
 
 def _output_tensors(result: ClassifyResult, info: ModelInfo, names: list[str]) -> list[InferOutputTensor]:
@@ -128,6 +155,8 @@ def _output_tensors(result: ClassifyResult, info: ModelInfo, names: list[str]) -
         "num_layers_run": ([n], [r.num_layers_run for r in rows]),
         "truncated": ([n], [r.truncated for r in rows]),
         "probs": ([n, len(info.labels)], [p for r in rows for p in r.probs]),
+        "full_depth_agreement": ([n], [r.full_depth_agreement for r in rows]),
+        "deadline_exit": ([n], [r.deadline_exit for r in rows]),
     }
     return [
         InferOutputTensor(name=name, datatype=OUTPUTS[name][0], shape=columns[name][0], data=columns[name][1])
@@ -181,14 +210,14 @@ async def _infer(
     texts = _texts_of(body.inputs[0])
     check_num_inputs(len(texts), state.settings, "inputs[0].data")
     options = build_options(_options_of(body.parameters), info, state.settings, request_start_s(request))
-    output_names = _output_names(body.outputs)
+    output_names = _output_names(body.outputs, info, options.best_effort)
     result = await engine.classify(texts, options, wait_disconnect=request.receive)
     response.headers.update(timing_headers(result))
     return InferResponse(
         model_name=result.model,
         model_version=result.version,
         id=body.id,
-        parameters={"speed": result.speed, "criterion": str(result.criterion)},
+        parameters=_reply_parameters(result),
         outputs=_output_tensors(result, info, output_names),
     )
 

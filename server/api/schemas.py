@@ -7,7 +7,7 @@ non-finite numbers are refused (Python's JSON parser reads ``NaN`` and ``1e999``
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -83,6 +83,20 @@ class RequestOptions(BaseModel):
     deadline_ms: int | None = Field(
         default=None, ge=1, le=MAX_DEADLINE_MS, description="answer within this many ms, else 504"
     )
+    on_deadline: Literal["error", "best_effort"] | None = Field(
+        default=None,
+        description="at the deadline: 'error' (default) answers 504; 'best_effort' answers each row from "
+        "the deepest ramp computed by then (marked deadline_exit), 504 only if a row had no layer yet",
+    )
+    overload_max_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="under overload, rather than 429, run a faster calibrated setting that loses at most "
+        "this many accuracy points against full depth (the reply says degraded and the setting used); "
+        "absent = the server's default for requests that set no speed",
+    )
 
 
 class ClassifyRequest(RequestOptions):
@@ -110,6 +124,14 @@ class ClassifyResult(BaseModel):
     exit_layer: int = Field(description="1-based layer whose ramp answered")
     num_layers_run: int
     truncated: bool = Field(description="the input was cut to the model's max sequence length")
+    full_depth_agreement: float | None = Field(
+        default=None,
+        description="calibrated probability that this answer equals the full-depth answer (by exit layer "
+        "and confidence); absent when the model's calibration has no such table",
+    )
+    deadline_exit: bool | None = Field(
+        default=None, description="true: answered at the deadline from the deepest ramp computed"
+    )
     probs: dict[str, float] | None = Field(default=None, description="only when return_probs is true")
 
 
@@ -118,8 +140,16 @@ class ClassifyResponse(BaseModel):
 
     model: str
     version: str
-    speed: float
+    speed: float = Field(description="the speed the rows ran at (under overload, maybe degraded)")
     criterion: Criterion
+    degraded: bool | None = Field(
+        default=None, description="true: overload ran a faster setting than asked, within the allowed drop"
+    )
+    requested_speed: float | None = Field(default=None, description="when degraded: the speed asked for")
+    requested_criterion: Criterion | None = Field(default=None, description="when degraded")
+    predicted_accuracy_drop: float | None = Field(
+        default=None, description="when degraded: calibrated accuracy drop of the setting used, in points"
+    )
     results: list[ClassifyResult]
 
 

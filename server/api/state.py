@@ -19,6 +19,7 @@ from model_store.manifest import CalibrationTable
 from model_store.policy import Criterion
 from server.api.schemas import RequestOptions
 from server.engine import targets
+from server.engine.admission import DegradeLevel
 from server.engine.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError
 from server.engine.targets import ResolvedTarget
 from server.engine.types import ClassifyOptions, ClassifyResult, EngineObserver, ModelInfo
@@ -125,13 +126,40 @@ def build_options(
         )
     deadline_ms = request_options.deadline_ms or settings.default_deadline_ms
     deadline_s = None if deadline_ms is None else start_s + deadline_ms / 1000.0
+    best_effort = request_options.on_deadline == "best_effort"
+    if best_effort and deadline_s is None:
+        raise InvalidRequestError(
+            "on_deadline 'best_effort' needs a deadline: set deadline_ms (the server has no default)",
+            field="on_deadline",
+        )
+    speed_is_default = request_options.speed is None and target is None
+    budget = request_options.overload_max_accuracy_drop
+    if budget is None and speed_is_default:
+        budget = settings.overload_max_accuracy_drop
+    drop_pts = 0.0
+    levels: tuple[DegradeLevel, ...] = ()
+    if budget is not None:
+        plan = targets.degrade_plan(
+            calibration_table(info), criterion, speed, budget, len(info.labels), info.num_layers
+        )
+        drop_pts, levels = plan.drop_pts, plan.levels
     return ClassifyOptions(
         criterion=criterion,
         speed=speed,
         max_layers=max_layers,
         deadline_s=deadline_s,
-        speed_is_default=request_options.speed is None and target is None,
+        speed_is_default=speed_is_default,
+        best_effort=best_effort,
+        drop_pts=drop_pts,
+        degrade_levels=levels,
     )
+
+
+def calibration_table(info: ModelInfo) -> CalibrationTable | None:
+    """The model's calibration, typed (an engine that gives only the JSON, as test fakes do: parsed)."""
+    if info.calibration_table is None and info.calibration:
+        return CalibrationTable.model_validate(info.calibration)
+    return info.calibration_table
 
 
 def resolve_target(request_options: RequestOptions, info: ModelInfo) -> ResolvedTarget | None:
@@ -145,9 +173,7 @@ def resolve_target(request_options: RequestOptions, info: ModelInfo) -> Resolved
         raise InvalidRequestError(
             "give either max_accuracy_drop or max_mean_exit_layer, not both", field="max_mean_exit_layer"
         )
-    table = info.calibration_table
-    if table is None and info.calibration:  # an engine that gives only the JSON (test fakes)
-        table = CalibrationTable.model_validate(info.calibration)
+    table = calibration_table(info)
     if drop is not None:
         return targets.for_accuracy_drop(table, drop, request_options.criterion)
     assert depth is not None

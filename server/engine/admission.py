@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from server.engine.errors import DeadlineExceededError, QueueFullError
+from server.engine.errors import DeadlineExceededError, EngineError, QueueFullError
 
 MIN_STEPS_FOR_FIT = 4  # before this many steps the engine has no cost estimate and admits by count only
 MAX_POLICIES = 256  # (criterion, threshold, max_layers) keys whose depth is learned; others: full depth
@@ -118,8 +118,15 @@ class DepthModel:
     def _key(criterion_code: int, threshold: float, max_layers: int) -> tuple[int, float, int]:
         return criterion_code, round(threshold, 3), max_layers
 
-    def expected_layers(self, criterion_code: int, threshold: float, max_layers: int) -> float:
-        return self._mean.get(self._key(criterion_code, threshold, max_layers), float(max_layers))
+    def expected_layers(
+        self, criterion_code: int, threshold: float, max_layers: int, prior: float | None = None
+    ) -> float:
+        """The learned mean; before any row of this policy finished, ``prior`` (a calibrated mean exit
+        layer) or else full depth."""
+        mean = self._mean.get(self._key(criterion_code, threshold, max_layers))
+        if mean is not None:
+            return mean
+        return float(max_layers) if prior is None else min(float(max_layers), prior)
 
     def entries(self) -> list[tuple[int, float, int, float]]:
         """(criterion code, threshold, max layers, mean layers run) per learned policy."""
@@ -301,3 +308,82 @@ class ServiceModel:
 
     def step_s(self, num_rows: float, mean_tokens_per_row: float) -> float:
         return self.prediction().step_s(num_rows, mean_tokens_per_row)
+
+
+@dataclass(frozen=True)
+class DegradeLevel:
+    """A faster calibrated exit setting a request allows under overload (see ``admit``)."""
+
+    criterion_code: int
+    threshold: float  # native threshold of the criterion
+    speed: float
+    drop_pts: float  # calibrated accuracy drop against full depth (95 % upper bound), percentage points
+    mean_exit_layer: float  # calibrated: how deep rows go until the engine has learned it
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """Where ``admit`` placed a request: ``level`` None = its own setting."""
+
+    predicted_s: float
+    level: DegradeLevel | None = None
+    expected_layers: float = 0.0
+    cut_at_deadline: bool = False  # best effort admitted only because a first layer fits in time
+
+
+def admit(
+    prediction: ServicePrediction,
+    ahead: Backlog,
+    num_rows: int,
+    mean_tokens_per_row: float,
+    expected_layers: float,
+    deadline_s: float | None,
+    now_s: float,
+    max_queue_wait_ms: float | None,
+    *,
+    levels: tuple[DegradeLevel, ...] = (),
+    level_layers: tuple[float, ...] = (),
+    target_latency_s: float | None = None,
+    best_effort: bool = False,
+) -> Admitted:
+    """Degrade before shedding: the request's own setting if it is predicted to be answered in time,
+    else the least degraded of ``levels`` (ordered from least to most degraded, ``level_layers`` their
+    expected depths) that is; only when none is does the refusal of its own setting stand. In time means
+    before its deadline; without one, within ``target_latency_s`` when set (a deadline-less request that
+    no level brings under the target runs at the fastest level the queue-wait bound admits). A
+    ``best_effort`` request that fits no level is still admitted when one layer fits before its deadline
+    (it is answered from the deepest ramp computed by then), at its fastest level.
+    """
+    options = [expected_layers, *level_layers]
+    choices: list[DegradeLevel | None] = [None, *levels]
+    refusal: EngineError | None = None
+    fallback: Admitted | None = None
+    for level, layers in zip(choices, options, strict=True):
+        try:
+            predicted_s = check_admission(
+                prediction, ahead, num_rows, mean_tokens_per_row, layers, deadline_s, now_s, max_queue_wait_ms
+            )
+        except (QueueFullError, DeadlineExceededError) as e:
+            refusal = refusal or e
+            continue
+        admitted = Admitted(predicted_s, level, layers)
+        if deadline_s is not None or target_latency_s is None or not prediction.ready:
+            return admitted
+        if ADMISSION_MARGIN * predicted_s <= target_latency_s:
+            return admitted
+        fallback = admitted  # over the target: keep looking for a faster level
+    if fallback is not None:
+        return fallback
+    assert refusal is not None
+    if best_effort and deadline_s is not None:
+        fastest, layers = choices[-1], options[-1]
+        try:
+            check_admission(
+                prediction, ahead, num_rows, mean_tokens_per_row, 1.0, deadline_s, now_s, max_queue_wait_ms
+            )
+        except (QueueFullError, DeadlineExceededError):
+            raise refusal from None
+        # Predicted 0: what this request's answer time teaches the correction would be its cut, not
+        # the model's error.
+        return Admitted(0.0, fastest, layers, cut_at_deadline=True)
+    raise refusal

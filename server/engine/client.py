@@ -21,7 +21,7 @@ import zmq
 from model_store.policy import CRITERION_CODES, threshold_for
 from model_store.tokens import RowTokenizer
 from server.engine import errors
-from server.engine.admission import Backlog, DepthModel, ServicePrediction, check_admission
+from server.engine.admission import Backlog, DepthModel, ServicePrediction, admit
 from server.engine.errors import (
     DeadlineExceededError,
     EngineError,
@@ -64,6 +64,7 @@ _ERROR_KINDS: dict[str, type[EngineError]] = {
 }
 
 WaitDisconnect = Callable[[], Awaitable[object]]
+CRITERIA = {code: criterion for criterion, code in CRITERION_CODES.items()}
 
 
 @dataclass
@@ -107,6 +108,8 @@ class EngineClient:
         self._depth = DepthModel()
         self._labels = list(info.labels)
         self._num_layers = info.num_layers
+        table = info.calibration_table
+        self._trust = None if table is None else table.agreement_table
 
     # --- connection ---------------------------------------------------------------------------------
 
@@ -208,7 +211,7 @@ class EngineClient:
             raise NotReadyError("engine is not ready")
         criterion_code = CRITERION_CODES[options.criterion]
         threshold = threshold_for(options.criterion, options.speed, len(self._labels), self._num_layers)
-        self._refuse_early(encoded, criterion_code, threshold, max_layers, options.deadline_s)
+        self._refuse_early(encoded, criterion_code, threshold, max_layers, options)
         loop = self._loop
         assert loop is not None
         request_id = next(self._ids)
@@ -219,14 +222,18 @@ class EngineClient:
                 epoch=self._epoch,
                 request_id=request_id,
                 token_ids=[list(ids) for ids, _ in encoded],
-                criterion_code=CRITERION_CODES[options.criterion],
-                threshold=threshold_for(
-                    options.criterion, options.speed, len(self._labels), self._num_layers
-                ),
+                criterion_code=criterion_code,
+                threshold=threshold,
                 max_layers=max_layers,
                 speed=options.speed,
                 speed_is_default=options.speed_is_default,
                 deadline_s=options.deadline_s,
+                best_effort=options.best_effort,
+                drop_pts=options.drop_pts,
+                levels=[
+                    (v.criterion_code, v.threshold, v.speed, v.drop_pts, v.mean_exit_layer)
+                    for v in options.degrade_levels
+                ],
             )
         )
         if wait_disconnect is None:
@@ -254,24 +261,37 @@ class EngineClient:
         criterion_code: int,
         threshold: float,
         max_layers: int,
-        deadline_s: float | None,
+        options: ClassifyOptions,
     ) -> None:
-        """The core's admission check, here, on the core's last reported model and backlog (plus what this
-        front end sent since): an overloaded server refuses in the front end, at once and for almost no
-        CPU, instead of after the core's current step. The core checks again with exact figures."""
+        """The core's admission check (degradation levels included), here, on the core's last reported
+        model and backlog (plus what this front end sent since): an overloaded server refuses in the front
+        end, at once and for almost no CPU, instead of after the core's current step. The core checks
+        again with exact figures."""
+        if not self._prediction.ready:
+            return
         num_rows = len(encoded)
         mean_tokens = sum(len(ids) for ids, _ in encoded) / num_rows
-        layers = self._depth.expected_layers(criterion_code, threshold, max_layers)
+        depth = self._depth
+        levels = options.degrade_levels
         try:
-            check_admission(
+            admitted = admit(
                 self._prediction,
                 self._ahead + _scaled(self._sent, self._num_peers),
                 num_rows,
                 mean_tokens,
-                layers,
-                deadline_s,
+                depth.expected_layers(criterion_code, threshold, max_layers),
+                options.deadline_s,
                 time.monotonic(),
                 self.config.max_queue_wait_ms,
+                levels=levels,
+                level_layers=tuple(
+                    depth.expected_layers(v.criterion_code, v.threshold, max_layers, v.mean_exit_layer)
+                    for v in levels
+                ),
+                target_latency_s=None
+                if self.config.target_latency_ms is None
+                else self.config.target_latency_ms / 1000.0,
+                best_effort=options.best_effort,
             )
         except QueueFullError as e:
             self._observer.admission_refused(e.reason)
@@ -279,7 +299,7 @@ class EngineClient:
         except DeadlineExceededError:
             self._observer.admission_refused("deadline_unreachable")
             raise
-        self._sent = self._sent + Backlog.of_rows(num_rows, layers, mean_tokens)
+        self._sent = self._sent + Backlog.of_rows(num_rows, admitted.expected_layers, mean_tokens)
 
     def _tokenize(self, texts: list[str]) -> list[tuple[tuple[int, ...], bool]]:
         """Token ids per text; a text the tokenizer rejects is the client's error, named by index."""
@@ -360,6 +380,7 @@ class EngineClient:
             entry = self._pending.pop(done.request_id, None)
             if entry is None or entry.future.done():
                 continue
+            trust = self._trust
             rows = [
                 RowOutcome(
                     label=labels[label_index],
@@ -369,18 +390,28 @@ class EngineClient:
                     exit_layer=exit_layer,
                     num_layers_run=exit_layer,
                     truncated=entry.truncated[i],
+                    deadline_exit=deadline_exit,
+                    full_depth_agreement=None
+                    if trust is None
+                    else trust.agreement(exit_layer, probs[label_index]),
                 )
-                for i, (label_index, probs, exit_layer) in enumerate(done.rows)
+                for i, (label_index, probs, exit_layer, deadline_exit) in enumerate(done.rows)
             ]
+            options = entry.options
+            degraded = done.degraded
             entry.future.set_result(
                 ClassifyResult(
                     rows=rows,
                     model=info.name,
                     version=info.version,
-                    criterion=entry.options.criterion,
-                    speed=entry.options.speed,
+                    criterion=options.criterion if degraded is None else CRITERIA[degraded[0]],
+                    speed=options.speed if degraded is None else degraded[1],
                     queue_time_s=done.queue_time_s,
                     inference_time_s=done.inference_time_s,
+                    degraded=degraded is not None,
+                    requested_criterion=None if degraded is None else options.criterion,
+                    requested_speed=None if degraded is None else options.speed,
+                    predicted_drop_pts=None if degraded is None else degraded[2],
                 )
             )
         for failed in outputs.failed:

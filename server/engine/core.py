@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model_store.store import LoadedModel
+from server.engine.admission import DegradeLevel
 from server.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
@@ -27,6 +28,7 @@ from server.engine.errors import (
     NotReadyError,
     QueueFullError,
 )
+from server.engine.guard import speed_bucket
 from server.engine.messages import (
     STATUS_INTERVAL_S,
     AbortRequest,
@@ -65,8 +67,9 @@ class _Live:
     admitted_s: float
     predicted_answer_s: float
     row_ids: list[int]
-    outcomes: dict[int, tuple[int, list[float], int]] = field(default_factory=dict)
+    outcomes: dict[int, tuple[int, list[float], int, bool]] = field(default_factory=dict)
     first_step_s: float | None = None
+    level: DegradeLevel | None = None  # the degraded setting it runs at, if any
 
 
 def scheduler_config(config: EngineConfig, num_layers: int) -> SchedulerConfig:
@@ -80,6 +83,7 @@ def scheduler_config(config: EngineConfig, num_layers: int) -> SchedulerConfig:
         num_layers=num_layers,
         max_shadow_rows=config.max_shadow_rows,
         max_queue_wait_ms=config.max_queue_wait_ms,
+        target_latency_ms=config.target_latency_ms,
     )
 
 
@@ -116,6 +120,7 @@ class EngineCore:
             loaded.manifest.default_speed,
             expected_agreement or {},
             self._observer,
+            loaded.manifest.calibration.agreement_table if loaded.manifest.calibration else None,
         )
         self._live: dict[tuple[bytes, int], _Live] = {}
         self._by_internal: dict[int, _Live] = {}
@@ -179,6 +184,9 @@ class EngineCore:
         shed = self._scheduler.take_dropped_shadow_rows()
         if shed:
             self.shadow.forget(shed, num_dropped_for_load=len(shed))
+        if decision.deadline_exits:
+            self._observer.deadline_exits(len(decision.deadline_exits))
+            self._finish_rows(list(decision.deadline_exits))
         self._expire(decision)
         plan = decision.plan
         if plan is None:
@@ -268,6 +276,7 @@ class EngineCore:
             self._reply_failed(identity, message.request_id, NotReadyError("server is draining"))
             return
         internal_id = self._scheduler.next_id()
+        best_effort = message.best_effort and message.deadline_s is not None
         rows = [
             RowSpec(
                 row_id=self._scheduler.next_id(),
@@ -277,12 +286,14 @@ class EngineCore:
                 threshold=message.threshold,
                 max_layers=message.max_layers,
                 deadline_s=message.deadline_s,
+                best_effort=best_effort,
             )
             for ids in message.token_ids
         ]
+        levels = tuple(DegradeLevel(*level) for level in message.levels)
         now_s = self._clock()
         try:
-            predicted_s = self._scheduler.add_rows(rows, now_s)
+            rows, admitted = self._scheduler.add_rows(rows, now_s, levels)
         except QueueFullError as e:
             self._observer.admission_refused(e.reason)
             self._reply_failed(identity, message.request_id, e)
@@ -297,9 +308,17 @@ class EngineCore:
             internal_id=internal_id,
             message=message,
             admitted_s=now_s,
-            predicted_answer_s=predicted_s,
+            predicted_answer_s=admitted.predicted_s,
             row_ids=[r.row_id for r in rows],
+            level=admitted.level,
         )
+        if levels:  # a request that allows degradation: what it runs at is visible per speed bucket
+            level = admitted.level
+            speed = message.speed if level is None else level.speed
+            drop_pts = message.drop_pts if level is None else level.drop_pts
+            self._observer.admitted_at(
+                speed_bucket(message.speed), speed, drop_pts, len(rows) if level is not None else 0
+            )
         self._live[(identity, message.request_id)] = live
         self._by_internal[internal_id] = live
         for index, row in enumerate(rows):
@@ -349,9 +368,16 @@ class EngineCore:
             if owner is None:
                 continue
             live, index = owner
-            live.outcomes[index] = (row_exit.label_index, list(row_exit.probs), row_exit.exit_layer)
-            message = live.message
-            self.shadow.offer(self._scheduler, row, row_exit, message.speed, message.speed_is_default)
+            live.outcomes[index] = (
+                row_exit.label_index,
+                list(row_exit.probs),
+                row_exit.exit_layer,
+                row_exit.deadline_exit,
+            )
+            if not row_exit.deadline_exit:  # the guard checks the exit policy, not the deadline's cut
+                message = live.message
+                speed = message.speed if live.level is None else live.level.speed
+                self.shadow.offer(self._scheduler, row, row_exit, speed, message.speed_is_default)
             if len(live.outcomes) == len(live.row_ids):
                 self._complete(live)
 
@@ -365,6 +391,9 @@ class EngineCore:
                 rows=[live.outcomes[i] for i in range(len(live.row_ids))],
                 queue_time_s=started_s - live.admitted_s,
                 inference_time_s=now_s - started_s,
+                degraded=None
+                if live.level is None
+                else (live.level.criterion_code, live.level.speed, live.level.drop_pts),
             )
         )
         self._forget(live)

@@ -45,6 +45,11 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     speed: float
     speed_is_default: bool
     deadline_s: float | None  # absolute time.monotonic(); the same clock in every process of one host
+    best_effort: bool = False  # at the deadline, answer from the deepest ramp computed instead of 504
+    drop_pts: float = 0.0  # the calibrated accuracy drop of the request's own setting (metrics)
+    # Faster settings the request allows under overload, least degraded first:
+    # (criterion code, native threshold, speed, calibrated drop in points, calibrated mean exit layer).
+    levels: list[tuple[int, float, float, float, float]] = []
 
 
 class AbortRequest(msgspec.Struct, tag=True, array_like=True):
@@ -54,12 +59,15 @@ class AbortRequest(msgspec.Struct, tag=True, array_like=True):
 
 
 class Finished(msgspec.Struct, array_like=True):
-    """A request whose every row exited: per row (label index, probabilities, exit layer)."""
+    """A request whose every row exited: per row (label index, probabilities, exit layer, answered at
+    the deadline from the deepest ramp computed)."""
 
     request_id: int
-    rows: list[tuple[int, list[float], int]]
+    rows: list[tuple[int, list[float], int, bool]]
     queue_time_s: float
     inference_time_s: float
+    # Admitted at a degraded setting under overload: (criterion code, speed, calibrated drop in points).
+    degraded: tuple[int, float, float] | None = None
 
 
 class Failed(msgspec.Struct, array_like=True):

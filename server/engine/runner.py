@@ -112,6 +112,7 @@ class Runner:
 
         exited: list[RowExit] = []
         keep: list[int] = []
+        kept_probs: list[tuple[float, ...]] = []
         for position, row in enumerate(packed.tolist()):
             if row[0] > 0.5:
                 row_probs = tuple(row[1:])
@@ -119,6 +120,8 @@ class Runner:
                 exited.append(RowExit(batch.row_ids[position], label_index, row_probs, plan.layer))
             else:
                 keep.append(position)
+                if plan.keep_probs:
+                    kept_probs.append(tuple(row[1:]))
         if keep:
             batch.hidden, batch.patience = hidden, patience
             self._cohorts[plan.out_cohort_id] = batch.select(keep)
@@ -126,6 +129,7 @@ class Runner:
             exited=tuple(exited),
             survivors=tuple(batch.row_ids[p] for p in keep),
             num_padded_tokens=int(batch.mask.shape[0] * batch.mask.shape[1]),
+            survivor_probs=tuple(kept_probs),
         )
 
     # --- helpers ----------------------------------------------------------------------------------

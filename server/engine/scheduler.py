@@ -55,11 +55,21 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from server.engine.admission import ADMISSION_MARGIN, Backlog, ServiceModel, check_admission
+from server.engine.admission import (
+    ADMISSION_MARGIN,
+    Admitted,
+    Backlog,
+    DegradeLevel,
+    ServiceModel,
+    admit,
+)
 from server.engine.errors import QueueFullError
 from server.engine.types import BatchingMode
+
+# A deadline exit leaves this much before the deadline for the reply's way back (core -> front end -> HTTP).
+DEADLINE_REPLY_SLACK_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class RowSpec:
     max_layers: int  # 1-based cap, already clamped to the model's depth
     deadline_s: float | None = None  # absolute, same clock as ``now_s``
     shadow: bool = False  # accuracy-guard re-run, not a client's row
+    best_effort: bool = False  # at its deadline, answered from the deepest ramp computed (anytime)
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +102,7 @@ class StepPlan:
     sources: dict[int, tuple[int, ...]]  # cohort id -> row ids taken from it (all at depth layer - 1)
     dropped: dict[int, tuple[int, ...]] = field(default_factory=dict)  # cohort id -> rows to discard
     shadow: bool = False  # a step of shadow rows only
+    keep_probs: bool = False  # report the survivors' probabilities too (best-effort rows are live)
 
     @property
     def row_ids(self) -> list[int]:
@@ -109,6 +121,7 @@ class RowExit:
     label_index: int
     probs: tuple[float, ...]
     exit_layer: int
+    deadline_exit: bool = False  # answered at its deadline from the deepest ramp computed, not by policy
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,7 @@ class StepOutput:
     exited: tuple[RowExit, ...]
     survivors: tuple[int, ...]  # row ids now in ``plan.out_cohort_id``
     num_padded_tokens: int = 0  # rows x padded length of the step (token budget accounting)
+    survivor_probs: tuple[tuple[float, ...], ...] = ()  # with ``plan.keep_probs``: per survivor, in order
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,8 @@ class Decision:
     expired: tuple[RowSpec, ...] = ()  # rows dropped: their deadline passed or could no longer be met
     num_expired_in_flight: int = 0  # of those, rows that held hidden states (compute spent in vain)
     wake_at_s: float | None = None  # with no plan: when to call again at the latest (max_wait)
+    # Best-effort rows answered now from their deepest ramp: their next layer would end after the deadline.
+    deadline_exits: tuple[tuple[RowSpec, RowExit], ...] = ()
 
 
 @dataclass
@@ -154,6 +170,9 @@ class SchedulerConfig:
     queue_full_retry_after_s: float = 1.0  # Retry-After when the count cap refuses
     # Deadline-less requests are refused when their predicted queue wait exceeds this; None = no bound.
     max_queue_wait_ms: float | None = 500.0
+    # Deadline-less requests that allow degradation run faster settings when predicted to be answered
+    # later than this; None = degrade only for deadlines.
+    target_latency_ms: float | None = None
     max_shadow_rows: int = 64  # shadow rows waiting or in flight
     max_shadow_batch_size: int = 8
 
@@ -183,15 +202,25 @@ class Scheduler:
         self._waiting_backlog = Backlog()
         self._dispatch_expired: list[RowSpec] = []  # rows dropped at dispatch: could no longer finish
         self._computing: StepPlan | None = None  # the plan handed out and not yet reported back
+        self._num_best_effort = 0  # live best-effort rows (steps then report survivors' probabilities)
+        self._latest: dict[int, RowExit] = {}  # best-effort row in flight -> its deepest ramp's answer
+        self._target_latency_s = (
+            None if config.target_latency_ms is None else config.target_latency_ms / 1000.0
+        )
 
     # --- admission and cancellation ---------------------------------------------------------------
 
-    def add_rows(self, rows: list[RowSpec], now_s: float) -> float:
-        """Queue a request's rows, all or none, if they can be answered in time (see the module doc);
-        returns the predicted seconds until its answer (0 before any step was timed).
+    def add_rows(
+        self, rows: list[RowSpec], now_s: float, levels: tuple[DegradeLevel, ...] = ()
+    ) -> tuple[list[RowSpec], Admitted]:
+        """Queue a request's rows, all or none, if they can be answered in time (see the module doc), at
+        their own exit setting or, under overload, at the least degraded of ``levels`` that is
+        (``admission.admit``). Returns the rows as queued (their setting may be degraded) and where they
+        were admitted.
 
         Raises ``QueueFullError`` (over ``max_queue_size``, or predicted to miss its deadline or the
-        queue-wait bound) or ``DeadlineExceededError`` (too much work for its deadline even when idle).
+        queue-wait bound at every allowed level) or ``DeadlineExceededError`` (too much work for its
+        deadline even when idle).
         """
         if len(self._waiting) + len(rows) > self.config.max_queue_size:
             raise QueueFullError(
@@ -199,17 +228,34 @@ class Scheduler:
                 retry_after_s=max(self.config.queue_full_retry_after_s, self.predicted_backlog_s()),
                 reason="queue_full",
             )
-        expected = [
-            self.service.depth.expected_layers(r.criterion_code, r.threshold, r.max_layers) for r in rows
-        ]
-        predicted_s = self.check_admission(
-            num_rows=len(rows),
-            mean_tokens_per_row=sum(r.num_tokens for r in rows) / len(rows),
-            expected_layers=max(expected),
-            deadline_s=rows[0].deadline_s,
-            now_s=now_s,
-        )
-        for row, layers in zip(rows, expected, strict=True):
+        depth = self.service.depth
+        first = rows[0]
+        own = max(depth.expected_layers(r.criterion_code, r.threshold, r.max_layers) for r in rows)
+        admitted = Admitted(0.0, None, own)
+        prediction = self.service.prediction()
+        if prediction.ready:
+            admitted = admit(
+                prediction,
+                self._backlog(),
+                len(rows),
+                sum(r.num_tokens for r in rows) / len(rows),
+                own,
+                first.deadline_s,
+                now_s,
+                self.config.max_queue_wait_ms,
+                levels=levels,
+                level_layers=tuple(
+                    depth.expected_layers(v.criterion_code, v.threshold, first.max_layers, v.mean_exit_layer)
+                    for v in levels
+                ),
+                target_latency_s=self._target_latency_s,
+                best_effort=first.best_effort,
+            )
+        level = admitted.level
+        if level is not None:
+            rows = [replace(r, criterion_code=level.criterion_code, threshold=level.threshold) for r in rows]
+        for row in rows:
+            layers = admitted.expected_layers
             self._waiting.append(row)
             self._rows[row.row_id] = row
             self._arrival_s[row.row_id] = now_s
@@ -217,32 +263,9 @@ class Scheduler:
             self._waiting_backlog = self._waiting_backlog.plus(layers, layers * row.num_tokens)
             if row.deadline_s is not None:
                 heapq.heappush(self._deadlines, (row.deadline_s, row.row_id))
-        return predicted_s
-
-    def check_admission(
-        self,
-        num_rows: int,
-        mean_tokens_per_row: float,
-        expected_layers: float,
-        deadline_s: float | None,
-        now_s: float,
-    ) -> float:
-        """Refuse a request that would not be answered in time behind what is queued and in flight; else
-        the predicted seconds until its answer (``admission.check_admission``). Until the engine has timed
-        a few steps it admits by count only."""
-        prediction = self.service.prediction()
-        if not prediction.ready:
-            return 0.0
-        return check_admission(
-            prediction,
-            self._backlog(),
-            num_rows,
-            mean_tokens_per_row,
-            expected_layers,
-            deadline_s,
-            now_s,
-            self.config.max_queue_wait_ms,
-        )
+            if row.best_effort:
+                self._num_best_effort += 1
+        return rows, admitted
 
     def backlog(self) -> Backlog:
         """Expected work of the rows waiting and in flight."""
@@ -351,9 +374,37 @@ class Scheduler:
 
     def schedule(self, now_s: float) -> Decision:
         """Pick the next layer step, or say when to look again."""
+        deadline_exits = self._take_deadline_exits(now_s) if self._latest else ()
         decision = self._decide(now_s)
-        self._computing = decision.plan
+        plan = decision.plan
+        if plan is not None and self._num_best_effort and not plan.shadow:
+            plan = replace(plan, keep_probs=True)
+            decision = replace(decision, plan=plan)
+        if deadline_exits:
+            decision = replace(decision, deadline_exits=deadline_exits)
+        self._computing = plan
         return decision
+
+    def _take_deadline_exits(self, now_s: float) -> tuple[tuple[RowSpec, RowExit], ...]:
+        """Best-effort rows in flight whose next layer would end after their deadline: answered now from
+        the deepest ramp computed (they are dropped from their cohorts at this step's bookkeeping).
+
+        Their next layer may wait behind one step of another depth, and no step holds more than a full
+        batch: so a row leaves when its deadline is closer than two full steps (measured step cost,
+        stretched by the admission margin and the learned correction), and never with less computed."""
+        prediction = self.service.prediction()
+        stretch = ADMISSION_MARGIN * prediction.correction if prediction.ready else 0.0
+        exits: list[tuple[RowSpec, RowExit]] = []
+        for row_id, latest in self._latest.items():
+            row = self._rows[row_id]
+            assert row.deadline_s is not None
+            full_step_s = prediction.step_s(prediction.rows_per_step(row.num_tokens), row.num_tokens)
+            if now_s + DEADLINE_REPLY_SLACK_S + 2 * stretch * full_step_s > row.deadline_s:
+                exits.append((row, replace(latest, deadline_exit=True)))
+        for row, _ in exits:
+            self._latest.pop(row.row_id)
+            self._cancelled.add(row.row_id)
+        return tuple(exits)
 
     def _decide(self, now_s: float) -> Decision:
         # A row whose deadline passes before even the cheapest step could finish is dropped now.
@@ -427,12 +478,23 @@ class Scheduler:
                     row.criterion_code, row.threshold, row.max_layers, row_exit.exit_layer
                 )
             self._forget(row_exit.row_id)
+        if output.survivor_probs:
+            self._keep_latest(plan.layer, output)
         survivors = [r for r in output.survivors if r in self._rows]
         if survivors:
             self._cohorts[plan.out_cohort_id] = _Cohort(
                 plan.out_cohort_id, plan.layer, survivors, plan.shadow
             )
         return finished
+
+    def _keep_latest(self, layer: int, output: StepOutput) -> None:
+        """Best-effort survivors: their deepest ramp's answer so far (given if the deadline comes first)."""
+        rows = self._rows
+        for row_id, probs in zip(output.survivors, output.survivor_probs, strict=True):
+            row = rows.get(row_id)
+            if row is not None and row.best_effort and row.deadline_s is not None:
+                label_index = max(range(len(probs)), key=probs.__getitem__)
+                self._latest[row_id] = RowExit(row_id, label_index, probs, layer)
 
     def fail_step(self, plan: StepPlan) -> tuple[set[int], list[int]]:
         """The runner raised on ``plan``: forget its rows. Returns the request ids that must fail (every
@@ -465,13 +527,18 @@ class Scheduler:
         self._cohorts.clear()
         self._cancelled.clear()
         self._deadlines.clear()
+        self._latest.clear()
+        self._num_best_effort = 0
         self._skips.clear()
         return request_ids
 
     # --- helpers ----------------------------------------------------------------------------------
 
     def _forget(self, row_id: int) -> None:
-        self._rows.pop(row_id, None)
+        row = self._rows.pop(row_id, None)
+        if row is not None and row.best_effort:
+            self._num_best_effort -= 1
+            self._latest.pop(row_id, None)
         self._arrival_s.pop(row_id, None)
         self._expected_layers.pop(row_id, None)
         self._cancelled.discard(row_id)
@@ -649,6 +716,8 @@ class Scheduler:
             # Without any deadline in sight no prediction can hold a row back (the common case).
             if timed and (candidate.deadline_s is not None or earliest_s != math.inf):
                 layers = self._expected_layers.get(candidate.row_id, float(candidate.max_layers))
+                if candidate.best_effort:  # one layer in time is an answer
+                    layers = 1.0
                 with_it = inflight + Backlog.of_rows(1, layers, candidate.num_tokens)
                 finish_s = now_s + stretch * prediction.drain_s(with_it)
                 if candidate.deadline_s is not None and finish_s > candidate.deadline_s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model_store.manifest import AgreementTable
 from model_store.policy import CRITERION_CODES, Criterion
 from server.engine.guard import AccuracyGuard, AutoAdjuster, speed_bucket
 from server.engine.scheduler import RowExit, RowSpec, Scheduler
@@ -22,6 +23,8 @@ class _Sampled:
     early_label: int
     speed: float
     speed_is_default: bool
+    exit_layer: int
+    confidence: float  # the early answer's top probability (the trust figure's bin)
 
 
 class ShadowSampler:
@@ -34,7 +37,9 @@ class ShadowSampler:
         default_speed: float,
         expected_agreement: dict[str, float],
         observer: EngineObserver,
+        trust: AgreementTable | None = None,
     ) -> None:
+        self._trust = trust
         self.num_layers = num_layers
         self.guard = AccuracyGuard(config.guard_sample_fraction, expected_agreement)
         self.adjuster: AutoAdjuster | None = None
@@ -70,7 +75,13 @@ class ShadowSampler:
             shadow=True,
         )
         if scheduler.add_shadow_row(shadow):
-            self._sampled[shadow.row_id] = _Sampled(row_exit.label_index, speed, speed_is_default)
+            self._sampled[shadow.row_id] = _Sampled(
+                row_exit.label_index,
+                speed,
+                speed_is_default,
+                row_exit.exit_layer,
+                row_exit.probs[row_exit.label_index],
+            )
         else:
             self._observer.guard_dropped(1)  # the shadow cap is reached
             self.changed = True
@@ -83,6 +94,9 @@ class ShadowSampler:
         agreed = sampled.early_label == row_exit.label_index
         bucket = self.guard.record(sampled.speed, sampled.early_label, row_exit.label_index)
         self._observer.guard_result(bucket, agreed)
+        if self._trust is not None:  # the same bins as the replies' full_depth_agreement
+            label = self._trust.bin_label(self._trust.bin_index(sampled.confidence))
+            self._observer.guard_trust_result(sampled.exit_layer, label, agreed)
         self.changed = True
         if self.adjuster is not None and sampled.speed_is_default:
             change = self.adjuster.observe(sampled.speed, agreed)

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from model_store.manifest import CalibrationTable
 from model_store.policy import Criterion
+from server.engine.admission import DegradeLevel
 
 
 class BatchingMode(StrEnum):
@@ -29,6 +30,7 @@ class EngineConfig:
     max_wait_ms: float = 2.0  # how long a lone request waits for company before its batch starts
     max_queue_size: int = 1024  # rows waiting for admission; beyond it: QueueFullError
     max_queue_wait_ms: float | None = 500.0  # requests without a deadline: refused past this predicted wait
+    target_latency_ms: float | None = None  # deadline-less requests that allow it degrade past this
     calibrate_step_cost: bool = True  # time a few synthetic steps at start-up (admission predicts with them)
     max_inputs_per_request: int = 256
     mode: BatchingMode = BatchingMode.REFILL
@@ -54,6 +56,9 @@ class ClassifyOptions:
     max_layers: int | None = None  # 1-based cap; None = all layers
     deadline_s: float | None = None  # absolute time.monotonic() deadline
     speed_is_default: bool = False  # the request did not set a speed (auto-adjust only learns from these)
+    best_effort: bool = False  # at the deadline: the deepest ramp's answer so far, not a 504
+    drop_pts: float = 0.0  # calibrated accuracy drop of (criterion, speed) against full depth, points
+    degrade_levels: tuple[DegradeLevel, ...] = ()  # faster settings allowed under overload, least first
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,10 @@ class RowOutcome:
     exit_layer: int  # 1-based ramp that answered
     num_layers_run: int
     truncated: bool  # input was cut to the model's max_seq_length
+    deadline_exit: bool = False  # answered at the deadline from the deepest ramp computed (best effort)
+    # Calibrated probability that this answer equals the full-depth answer (by exit layer and
+    # confidence); None when the model's calibration has no such table.
+    full_depth_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +85,14 @@ class ClassifyResult:
     rows: list[RowOutcome]
     model: str
     version: str
-    criterion: Criterion
+    criterion: Criterion  # the setting the rows ran at (degraded under overload, if allowed)
     speed: float
     queue_time_s: float  # admission -> first layer computed for the request's first row
     inference_time_s: float  # first layer -> last row answered
+    degraded: bool = False  # overload: ran at a faster setting than asked, within the allowed drop
+    requested_criterion: Criterion | None = None  # set when degraded
+    requested_speed: float | None = None  # set when degraded
+    predicted_drop_pts: float | None = None  # calibrated accuracy drop of the setting used, when degraded
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,8 @@ class EngineObserver(Protocol):
 
     def guard_result(self, bucket: str, agreed: bool) -> None: ...
 
+    def guard_trust_result(self, layer: int, bin_label: str, agreed: bool) -> None: ...
+
     def guard_dropped(self, num_rows: int) -> None: ...
 
     def default_speed_changed(self, speed: float) -> None: ...
@@ -130,6 +145,10 @@ class EngineObserver(Protocol):
     def deadline_dropped(self, num_before_start: int, num_in_flight: int) -> None: ...
 
     def predicted_backlog(self, seconds: float) -> None: ...
+
+    def deadline_exits(self, num_rows: int) -> None: ...
+
+    def admitted_at(self, bucket: str, speed: float, drop_pts: float, num_degraded_rows: int) -> None: ...
 
 
 class NullObserver:
@@ -159,6 +178,9 @@ class NullObserver:
     def guard_result(self, bucket: str, agreed: bool) -> None:
         pass
 
+    def guard_trust_result(self, layer: int, bin_label: str, agreed: bool) -> None:
+        pass
+
     def guard_dropped(self, num_rows: int) -> None:
         pass
 
@@ -172,4 +194,10 @@ class NullObserver:
         pass
 
     def predicted_backlog(self, seconds: float) -> None:
+        pass
+
+    def deadline_exits(self, num_rows: int) -> None:
+        pass
+
+    def admitted_at(self, bucket: str, speed: float, drop_pts: float, num_degraded_rows: int) -> None:
         pass

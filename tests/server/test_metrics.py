@@ -39,6 +39,13 @@ METRIC_FAMILIES = {
     "exitserve_admission_refused": "counter",
     "exitserve_deadline_dropped_rows": "counter",
     "exitserve_predicted_backlog_seconds": "gauge",
+    # the trust figure, anytime answers, degradation under overload
+    "exitserve_guard_trust_samples": "counter",
+    "exitserve_trust_stated_agreement": "gauge",
+    "exitserve_deadline_exit_rows": "counter",
+    "exitserve_degraded_rows": "counter",
+    "exitserve_effective_speed": "gauge",
+    "exitserve_predicted_accuracy_drop_points": "gauge",
 }
 
 

@@ -59,7 +59,13 @@ class FakeRunner:
                 survivors.append(row_id)
         if survivors:
             self.cohorts[plan.out_cohort_id] = survivors
-        return StepOutput(exited=tuple(exited), survivors=tuple(survivors))
+        survivor_probs = tuple(layer_probs(plan.layer) for _ in survivors) if plan.keep_probs else ()
+        return StepOutput(exited=tuple(exited), survivors=tuple(survivors), survivor_probs=survivor_probs)
+
+
+def layer_probs(layer: int) -> tuple[float, float]:
+    """What the fake ramp of ``layer`` says for a surviving row: label 1, surer the deeper."""
+    return (0.4 - 0.05 * layer, 0.6 + 0.05 * layer)
 
 
 def make_scheduler(**overrides: object) -> Scheduler:
@@ -78,6 +84,7 @@ def add_request(
     now_s: float = 0.0,
     num_tokens: int = 4,
     deadline_s: float | None = None,
+    best_effort: bool = False,
 ) -> tuple[int, list[int]]:
     request_id = scheduler.next_id()
     rows = [
@@ -89,6 +96,7 @@ def add_request(
             threshold=0.5,
             max_layers=6,
             deadline_s=deadline_s,
+            best_effort=best_effort,
         )
         for _ in range(num_rows)
     ]
