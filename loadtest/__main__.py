@@ -139,6 +139,31 @@ def cmd_overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_beyond(args: argparse.Namespace) -> int:
+    from loadtest.beyond import BeyondOptions, markdown_tables, run_beyond
+
+    signal.signal(signal.SIGTERM, _interrupt)  # the server it started is stopped
+    if args.url is not None:
+        require_loopback(args.url)
+    options = BeyondOptions(
+        store=Path(args.store),
+        model=args.model,
+        url=args.url,
+        out_dir=Path(args.out_dir),
+        overload_factor=args.overload_factor,
+        overload_s=args.overload_s,
+        deadline_ms=args.deadline_ms,
+        allowed_drop_pts=args.allowed_drop,
+        steady_s=args.steady_s,
+        capacity_s=args.capacity_s,
+        server_args=tuple(args.server_arg),
+    )
+    document = run_beyond(options)
+    print(markdown_tables(document))
+    print(f"-> {options.out_dir / 'beyond.json'}")
+    return 0
+
+
 def cmd_connections(args: argparse.Namespace) -> int:
     from loadtest.connections import ConnectionsOptions, run_connections
 
@@ -239,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-arg", action="append", default=[], help="extra server flag (repeat); none = the defaults"
     )
     overload.set_defaults(func=cmd_overload)
+
+    beyond = sub.add_parser(
+        "beyond", help="degrade vs 429 under 2x overload, and anytime answers at a deadline (BENCHMARKS.md)"
+    )
+    beyond.add_argument("--store", default="store")
+    beyond.add_argument("--model", default="spam-minilm")
+    beyond.add_argument("--url", default=None, help="a running loopback server instead of starting one")
+    beyond.add_argument("--out-dir", default="bench-out")
+    beyond.add_argument("--overload-factor", type=float, default=2.0, help="offered load x capacity")
+    beyond.add_argument("--overload-s", type=float, default=60.0, help="seconds of overload per policy")
+    beyond.add_argument("--deadline-ms", type=int, default=1000, help="deadline of the overload requests")
+    beyond.add_argument("--allowed-drop", type=float, default=1.0, help="degrade policy: accuracy points")
+    beyond.add_argument("--steady-s", type=float, default=30.0, help="seconds per anytime phase")
+    beyond.add_argument("--capacity-s", type=float, default=15.0)
+    beyond.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
+    beyond.set_defaults(func=cmd_beyond)
 
     conns = sub.add_parser(
         "connections", help="normal requests while idle, slow and flooding clients attack (RELIABILITY.md)"

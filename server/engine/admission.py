@@ -351,8 +351,9 @@ def admit(
     expected depths) that is; only when none is does the refusal of its own setting stand. In time means
     before its deadline; without one, within ``target_latency_s`` when set (a deadline-less request that
     no level brings under the target runs at the fastest level the queue-wait bound admits). A
-    ``best_effort`` request that fits no level is still admitted when one layer fits before its deadline
-    (it is answered from the deepest ramp computed by then), at its fastest level.
+    ``best_effort`` request that fits no level is still admitted, at its fastest level, for as many
+    layers as fit before its deadline when at least one does (it is answered from the deepest ramp
+    computed by then, and counts in the backlog for those layers only).
     """
     options = [expected_layers, *level_layers]
     choices: list[DegradeLevel | None] = [None, *levels]
@@ -375,15 +376,17 @@ def admit(
     if fallback is not None:
         return fallback
     assert refusal is not None
-    if best_effort and deadline_s is not None:
-        fastest, layers = choices[-1], options[-1]
-        try:
-            check_admission(
-                prediction, ahead, num_rows, mean_tokens_per_row, 1.0, deadline_s, now_s, max_queue_wait_ms
-            )
-        except (QueueFullError, DeadlineExceededError):
-            raise refusal from None
-        # Predicted 0: what this request's answer time teaches the correction would be its cut, not
-        # the model's error.
-        return Admitted(0.0, fastest, layers, cut_at_deadline=True)
+    if best_effort and deadline_s is not None and prediction.ready:
+        # As many layers as fit before the deadline (it is cut there), at least one: the backlog then
+        # holds what this request will really compute, not its full depth. Drained in full steps, not
+        # in the deadline-sized cohorts of ``check_admission``: a cut row needs no cohort of its own.
+        fastest = choices[-1]
+        stretch = ADMISSION_MARGIN * prediction.correction
+        wait_s = prediction.drain_s(ahead)
+        for layers in range(max(1, math.ceil(options[-1]) - 1), 0, -1):
+            own = Backlog.of_rows(num_rows, float(layers), mean_tokens_per_row)
+            if now_s + stretch * (wait_s + prediction.drain_s(own)) <= deadline_s:
+                # Predicted 0: what this request's answer time teaches the correction would be its
+                # cut, not the model's error.
+                return Admitted(0.0, fastest, float(layers), cut_at_deadline=True)
     raise refusal

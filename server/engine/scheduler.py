@@ -389,17 +389,20 @@ class Scheduler:
         """Best-effort rows in flight whose next layer would end after their deadline: answered now from
         the deepest ramp computed (they are dropped from their cohorts at this step's bookkeeping).
 
-        Their next layer may wait behind one step of another depth, and no step holds more than a full
-        batch: so a row leaves when its deadline is closer than two full steps (measured step cost,
-        stretched by the admission margin and the learned correction), and never with less computed."""
+        Its next layer may wait behind one step of another depth, and no step holds more rows than are
+        live (in flight or waiting) nor more than a batch: so a row leaves when its deadline is closer
+        than two such steps (measured step cost per row and token, stretched by the admission margin and
+        the learned correction)."""
         prediction = self.service.prediction()
         stretch = ADMISSION_MARGIN * prediction.correction if prediction.ready else 0.0
+        num_live = self.num_inflight_rows + len(self._waiting)
         exits: list[tuple[RowSpec, RowExit]] = []
         for row_id, latest in self._latest.items():
             row = self._rows[row_id]
             assert row.deadline_s is not None
-            full_step_s = prediction.step_s(prediction.rows_per_step(row.num_tokens), row.num_tokens)
-            if now_s + DEADLINE_REPLY_SLACK_S + 2 * stretch * full_step_s > row.deadline_s:
+            num_rows = min(float(num_live), prediction.rows_per_step(row.num_tokens))
+            step_s = prediction.step_s(num_rows, row.num_tokens)
+            if now_s + DEADLINE_REPLY_SLACK_S + 2 * stretch * step_s > row.deadline_s:
                 exits.append((row, replace(latest, deadline_exit=True)))
         for row, _ in exits:
             self._latest.pop(row.row_id)
