@@ -97,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     recal.add_argument(
         "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
     )
+    trust = sub.add_parser(
+        "trust", help="the trust figure (stated on dev) against the agreement observed on the test split"
+    )
+    trust.add_argument("name")
+    trust.add_argument("--version", default=None)
+    trust.add_argument("--store", type=Path, default=Path("store"))
+    trust.add_argument(
+        "--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv with text,label"
+    )
+    trust.add_argument(
+        "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
+    )
+    trust.add_argument("--plot", type=Path, default=None, help="write the reliability plot (PNG) here")
     return parser
 
 
@@ -218,6 +231,11 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         saved = manifest.model_copy(update={"files": {}})
         print(format_report(TrainReport(path, saved, test, timings_s={}), all_speeds=args.all_speeds))
+        return 0
+    if args.command == "trust":
+        from model_store.training.pipeline import trust_report
+
+        print(trust_report(args.store, args.name, args.version, args.data, args.data_dir, args.plot))
         return 0
     if args.command == "recalibrate":
         from model_store.training.pipeline import recalibrate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -52,15 +53,33 @@ class CalibrationPoint(BaseModel):
 
 
 CONFIDENCE_EDGES = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+MIN_CELL_ROWS = 40  # adjacent confidence bins of a layer are merged until each cell counts this many rows
+
+
+@dataclass(frozen=True)
+class TrustCell:
+    """Adjacent confidence bins ``first..last`` of one layer, merged: the figure is stated per cell."""
+
+    layer: int
+    first: int
+    last: int
+    num_rows: int
+    num_agreed: int
+    stated: float
+    label: str  # "0.9-0.99": the confidence range
 
 
 class AgreementTable(BaseModel):
     """The trust figure: how often an answer from ramp ``layer`` with confidence (its top probability)
-    in a bin equals the full-depth answer, counted on the calibration split.
+    in a range equals the full-depth answer, counted on the calibration split.
 
     A row counts at a layer when its confidence there is at least that of every earlier ramp: only then
-    can a confidence-threshold policy exit there, so easy rows, which every policy lets go earlier, do
-    not inflate a deeper layer's figure. Each row counts at most once per layer.
+    can a confidence-threshold policy exit there (the rows such policies do exit there are a subset), so
+    easy rows, which every policy lets go earlier, do not inflate a deeper layer's figure. Each row counts
+    at most once per layer. Counts are kept per fine bin (``confidence_edges``); the figure is stated per
+    *cell*, adjacent bins of a layer merged until each holds ``MIN_CELL_ROWS`` rows (a bin of 20 rows
+    states its share to within +-10 points at best), as (agreed + 0.5) / (rows + 1). The last layer's
+    answers are full depth's: 1.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -70,37 +89,53 @@ class AgreementTable(BaseModel):
     )
     num_rows: list[list[int]] = Field(description="[layer - 1][bin]: rows counted")
     num_agreed: list[list[int]] = Field(description="[layer - 1][bin]: of those, equal to full depth")
-    _estimates: list[list[float]] | None = PrivateAttr(default=None)
+    min_cell_rows: int = Field(default=MIN_CELL_ROWS, ge=1)
+    _cells: list[list[TrustCell]] | None = PrivateAttr(default=None)
 
     def bin_index(self, confidence: float) -> int:
         edges = self.confidence_edges
         return max(0, min(len(edges) - 2, bisect.bisect_right(edges, confidence) - 1))
 
-    def bin_label(self, index: int) -> str:
-        return f"{self.confidence_edges[index]:g}-{self.confidence_edges[index + 1]:g}"
+    def cells(self) -> list[list[TrustCell]]:
+        """[layer - 1][bin]: the cell each fine bin belongs to (see the class docstring)."""
+        if self._cells is None:
+            self._cells = [self._layer_cells(layer) for layer in range(1, len(self.num_rows) + 1)]
+        return self._cells
 
-    def estimates(self) -> list[list[float]]:
-        """[layer - 1][bin]: the stated figure, (agreed + 0.5) / (rows + 1) (a bin's few rows do not
-        claim certainty); a bin with no rows states its layer's figure; the last layer states 1."""
-        if self._estimates is None:
-            table: list[list[float]] = []
-            num_layers = len(self.num_rows)
-            for layer, (rows, agreed) in enumerate(zip(self.num_rows, self.num_agreed, strict=True), 1):
-                pooled = (sum(agreed) + 0.5) / (sum(rows) + 1)
-                table.append(
-                    [
-                        1.0 if layer == num_layers else (a + 0.5) / (n + 1) if n else pooled
-                        for n, a in zip(rows, agreed, strict=True)
-                    ]
-                )
-            self._estimates = table
-        return self._estimates
+    def _layer_cells(self, layer: int) -> list[TrustCell]:
+        rows, agreed = self.num_rows[layer - 1], self.num_agreed[layer - 1]
+        groups: list[list[int]] = []
+        for b in range(len(rows)):
+            if groups and sum(rows[i] for i in groups[-1]) < self.min_cell_rows:
+                groups[-1].append(b)
+            else:
+                groups.append([b])
+        if len(groups) > 1 and sum(rows[i] for i in groups[-1]) < self.min_cell_rows:
+            groups[-2].extend(groups.pop())  # the top cell is short: merged into the one below
+        last_layer = layer == len(self.num_rows)
+        by_bin: list[TrustCell] = []
+        edges = self.confidence_edges
+        for group in groups:
+            n, a = sum(rows[i] for i in group), sum(agreed[i] for i in group)
+            cell = TrustCell(
+                layer=layer,
+                first=group[0],
+                last=group[-1],
+                num_rows=n,
+                num_agreed=a,
+                stated=1.0 if last_layer else (a + 0.5) / (n + 1),
+                label=f"{edges[group[0]]:g}-{edges[group[-1] + 1]:g}",
+            )
+            by_bin += [cell] * len(group)
+        return by_bin
+
+    def cell(self, exit_layer: int, confidence: float) -> TrustCell:
+        cells = self.cells()
+        return cells[max(1, min(len(cells), exit_layer)) - 1][self.bin_index(confidence)]
 
     def agreement(self, exit_layer: int, confidence: float) -> float:
         """The stated probability that an answer from ``exit_layer`` at ``confidence`` is full depth's."""
-        estimates = self.estimates()
-        layer = max(1, min(len(estimates), exit_layer))
-        return round(estimates[layer - 1][self.bin_index(confidence)], 4)
+        return round(self.cell(exit_layer, confidence).stated, 4)
 
 
 class CalibrationTable(BaseModel):

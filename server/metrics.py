@@ -235,9 +235,9 @@ class ServerMetrics:
 
     def set_trust_table(self, table: AgreementTable) -> None:
         """Publish the stated trust figure per (exit layer, confidence bin) next to the live tallies."""
-        for layer, row in enumerate(table.estimates()[:-1], 1):  # the last layer is full depth itself
-            for index, stated in enumerate(row):
-                self._trust_stated.labels(self.model, str(layer), table.bin_label(index)).set(stated)
+        for row in table.cells()[:-1]:  # the last layer is full depth itself
+            for cell in row:
+                self._trust_stated.labels(self.model, str(cell.layer), cell.label).set(cell.stated)
 
     def bind_model(self, num_layers: int, default_speed: float | None = None) -> None:
         """Create the per-layer metrics for a model of ``num_layers`` layers (buckets le=1..L)."""

@@ -276,3 +276,50 @@ def recalibrate(
         }
     )
     return store.save(loaded.model, loaded.tokenizer, updated)
+
+
+def trust_report(
+    store_dir: Path,
+    name: str,
+    version: str | None,
+    data: str = "spamassassin",
+    cache_dir: Path = Path(".cache"),
+    plot: Path | None = None,
+    batch_size: int = 32,
+) -> str:
+    """The version's trust figure checked on the test split (``model_store.trust``), as markdown."""
+    from model_store import trust
+
+    store = ModelStore(store_dir)
+    loaded = store.load(name, version)
+    manifest = loaded.manifest
+    calibration = manifest.calibration
+    table = calibration.agreement_table if calibration is not None else None
+    if calibration is None or table is None:
+        raise ValueError(f"{name} version {manifest.version} has no trust table; recalibrate it first")
+    splits = load_data(data, cache_dir)
+    test = tokenize_examples(loaded.tokenizer, splits.test, splits.labels, manifest.max_seq_length)
+    with tqdm(total=len(test), desc="trust (test)", unit="row") as bar:
+        logits = collect_ramp_logits(loaded.model, test, batch_size, progress=bar)
+    criterion = manifest.default_criterion
+    speeds = tuple(sorted({p.speed for p in calibration.points if p.criterion == criterion}))
+    defined = trust.check_as_defined(table, logits)
+    served = trust.check_as_served(table, logits, criterion, speeds)
+    parts = [
+        f"Trust figure of {name} version {manifest.version}: stated on dev "
+        f"({calibration.num_examples} rows), checked on test ({len(test)} rows).",
+        "",
+        trust.format_checks("As defined (rows a threshold policy could exit, once per layer)", defined),
+        "",
+        trust.format_checks(
+            f"As served ({criterion} exits at {len(speeds)} calibrated speeds, pooled)", served
+        ),
+    ]
+    if plot is not None:
+        trust.plot_reliability(
+            {"as defined": defined, f"as served ({criterion})": served},
+            plot,
+            f"{name} v{manifest.version}: stated vs observed agreement",
+        )
+        parts += ["", f"reliability plot: {plot}"]
+    return "\n".join(parts)

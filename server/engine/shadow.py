@@ -95,8 +95,8 @@ class ShadowSampler:
         bucket = self.guard.record(sampled.speed, sampled.early_label, row_exit.label_index)
         self._observer.guard_result(bucket, agreed)
         if self._trust is not None:  # the same bins as the replies' full_depth_agreement
-            label = self._trust.bin_label(self._trust.bin_index(sampled.confidence))
-            self._observer.guard_trust_result(sampled.exit_layer, label, agreed)
+            cell = self._trust.cell(sampled.exit_layer, sampled.confidence)
+            self._observer.guard_trust_result(sampled.exit_layer, cell.label, agreed)
         self.changed = True
         if self.adjuster is not None and sampled.speed_is_default:
             change = self.adjuster.observe(sampled.speed, agreed)

@@ -12,6 +12,7 @@ import torch
 from model_store.calibration import agreement_table, exit_candidates
 from model_store.manifest import AgreementTable, CalibrationPoint, CalibrationTable
 from model_store.policy import CRITERION_CODES, Criterion
+from model_store.trust import BinCheck, check_as_defined, check_as_served, wilson_interval
 from server.engine.admission import (
     ADMISSION_MARGIN,
     Backlog,
@@ -291,7 +292,7 @@ def test_agreement_table_counts_a_row_where_a_threshold_policy_could_exit_it() -
     _, agreed, counts = exit_candidates(logits)
     assert counts.tolist() == [[True, True, True], [True, True, True], [True, False, True]]
     assert agreed[:, 0].tolist() == [True, False, True]
-    table = agreement_table(logits)
+    table = agreement_table(logits).model_copy(update={"min_cell_rows": 1})  # one cell per used bin
     edges = table.confidence_edges
     assert sum(table.num_rows[0]) == 3 and sum(table.num_rows[1]) == 2
     b = table.bin_index(0.75)  # 1 - 0.25: the wrong row's confidence at layer 1
@@ -299,12 +300,44 @@ def test_agreement_table_counts_a_row_where_a_threshold_policy_could_exit_it() -
     assert table.num_rows[0][b] == 1 and table.num_agreed[0][b] == 0
     assert table.agreement(1, 0.75) == pytest.approx(0.5 / 2)  # (0 + 0.5) / (1 + 1)
     assert table.agreement(3, 0.51) == 1.0  # the last layer is full depth
-    assert table.agreement(2, 0.62) == pytest.approx(round((2 + 0.5) / (2 + 1), 4))  # empty bin: layer's
-    assert table.bin_index(1.0) == len(edges) - 2 and table.bin_label(0) == "0-0.6"
+    assert table.bin_index(1.0) == len(edges) - 2
+    # With the default cell size, a layer of 3 rows is one cell: its bins all state the pooled share.
+    pooled = agreement_table(logits)
+    assert {pooled.agreement(1, c) for c in (0.3, 0.75, 0.97, 0.9999)} == {round((2 + 0.5) / (3 + 1), 4)}
+    assert pooled.cell(1, 0.75).label == "0-1"
+
+
+def test_cells_merge_adjacent_bins_until_each_holds_enough_rows() -> None:
+    table = AgreementTable(
+        num_rows=[[10, 0, 25, 50, 5, 60, 3, 100], [0] * 8],
+        num_agreed=[[5, 0, 20, 49, 5, 60, 3, 99], [0] * 8],
+        min_cell_rows=40,
+    )
+    cells = {(c.first, c.last, c.num_rows, c.label) for c in table.cells()[0]}
+    # 10 + 0 + 25 < 40, + 50: one cell; 5 + 60; 3 + 100.
+    assert cells == {(0, 3, 85, "0-0.9"), (4, 5, 65, "0.9-0.99"), (6, 7, 103, "0.99-1")}
+    assert table.agreement(1, 0.65) == round((74 + 0.5) / (85 + 1), 4)
+    assert table.agreement(2, 0.65) == 1.0  # the last layer
 
 
 def test_agreement_table_survives_the_manifest_round_trip() -> None:
     table = agreement_table(_logits([[0.9, 0.95], [0.6, 0.99]]))
     again = AgreementTable.model_validate_json(table.model_dump_json())
-    assert again.estimates() == table.estimates()
+    assert again.cells() == table.cells()
     assert not math.isnan(again.agreement(1, 0.93))
+
+
+def test_trust_checks_on_the_calibration_rows_themselves_observe_what_is_stated() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(400, 4, 3, generator=generator) * 3
+    table = agreement_table(logits)
+    defined = check_as_defined(table, logits)
+    assert defined and all(c.num_rows >= table.min_cell_rows for c in defined)
+    for check in defined:
+        assert check.stated == pytest.approx((check.num_agreed + 0.5) / (check.num_rows + 1))
+        assert check.holds
+    served = check_as_served(table, logits, Criterion.MAX_PROB, (0.2, 0.5, 0.8, 1.0))
+    assert sum(c.num_rows for c in served) <= sum(c.num_rows for c in defined)  # served exits are a subset
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    far = BinCheck(1, "0-1", 0.99, 100, 50, *wilson_interval(50, 100))
+    assert not far.holds
