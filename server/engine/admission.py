@@ -345,6 +345,7 @@ def admit(
     level_layers: tuple[float, ...] = (),
     target_latency_s: float | None = None,
     best_effort: bool = False,
+    cut_wait_s: float | None = None,
 ) -> Admitted:
     """Degrade before shedding: the request's own setting if it is predicted to be answered in time,
     else the least degraded of ``levels`` (ordered from least to most degraded, ``level_layers`` their
@@ -353,7 +354,8 @@ def admit(
     no level brings under the target runs at the fastest level the queue-wait bound admits). A
     ``best_effort`` request that fits no level is still admitted, at its fastest level, for as many
     layers as fit before its deadline when at least one does (it is answered from the deepest ramp
-    computed by then, and counts in the backlog for those layers only).
+    computed by then, and counts in the backlog for those layers only). ``cut_wait_s`` bounds its wait
+    for a first layer when best-effort rows ahead will be cut at their own, earlier deadlines.
     """
     options = [expected_layers, *level_layers]
     choices: list[DegradeLevel | None] = [None, *levels]
@@ -383,6 +385,8 @@ def admit(
         fastest = choices[-1]
         stretch = ADMISSION_MARGIN * prediction.correction
         wait_s = prediction.drain_s(ahead)
+        if cut_wait_s is not None:
+            wait_s = min(wait_s, cut_wait_s)
         for layers in range(max(1, math.ceil(options[-1]) - 1), 0, -1):
             own = Backlog.of_rows(num_rows, float(layers), mean_tokens_per_row)
             if now_s + stretch * (wait_s + prediction.drain_s(own)) <= deadline_s:

@@ -294,6 +294,10 @@ class EngineClient:
                 best_effort=options.best_effort,
             )
         except QueueFullError as e:
+            if options.best_effort and options.deadline_s is not None:
+                # Only the core knows which rows ahead it will cut at their deadlines: it decides.
+                self._sent = self._sent + Backlog.of_rows(num_rows, 1.0, mean_tokens)
+                return
             self._observer.admission_refused(e.reason)
             raise
         except DeadlineExceededError:

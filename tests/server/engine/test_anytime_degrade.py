@@ -187,6 +187,32 @@ def test_best_effort_is_admitted_at_the_fastest_level_when_one_layer_fits() -> N
     assert admitted.predicted_s == 0.0  # type: ignore[attr-defined]  # teaches the correction nothing
     with pytest.raises(QueueFullError):  # not even one layer in time
         best_effort(400.0, 0.235)
+    # Unless the rows ahead are best-effort rows cut by 150 ms: then the wait is that, and 2 layers fit.
+    cut = admit(
+        PREDICTION,
+        Backlog(400.0, 1600.0, 6.0),
+        8,
+        4.0,
+        6.0,
+        0.235,
+        0.0,
+        500.0,
+        levels=levels,
+        level_layers=tuple(level.mean_exit_layer for level in levels),
+        best_effort=True,
+        cut_wait_s=0.15,
+    )
+    assert cut.cut_at_deadline and cut.expected_layers == 1.0  # (150 + 20) x 1.1 > 185 > (150 + 10) x 1.1
+
+
+def test_the_wait_of_a_best_effort_row_is_bounded_by_the_cuts_ahead() -> None:
+    scheduler = _timed(make_scheduler(max_batch_size=8))
+    add_request(scheduler, 8, deadline_s=0.2, best_effort=True)  # cut by 200 ms at the latest
+    add_request(scheduler, 8, deadline_s=0.2, best_effort=True)
+    assert scheduler._cut_wait_s(0.0) == pytest.approx(0.2)
+    add_request(scheduler, 8)  # no deadline: 6 layers in full (8 rows a step): 60 ms, under the cut
+    assert scheduler._cut_wait_s(0.0) == pytest.approx(0.2)
+    assert scheduler._cut_wait_s(0.15) == pytest.approx(0.06)
 
 
 def test_scheduler_queues_degraded_rows_at_the_level_it_chose() -> None:
