@@ -140,7 +140,7 @@ def cmd_overload(args: argparse.Namespace) -> int:
 
 
 def cmd_beyond(args: argparse.Namespace) -> int:
-    from loadtest.beyond import BeyondOptions, markdown_tables, run_beyond
+    from loadtest.beyond import BeyondOptions, markdown_tables, run_beyond, update_markdown
 
     signal.signal(signal.SIGTERM, _interrupt)  # the server it started is stopped
     if args.url is not None:
@@ -160,6 +160,8 @@ def cmd_beyond(args: argparse.Namespace) -> int:
     )
     document = run_beyond(options)
     print(markdown_tables(document))
+    if not args.no_markdown:
+        update_markdown(document, Path("BENCHMARKS.md"))
     print(f"-> {options.out_dir / 'beyond.json'}")
     return 0
 
@@ -279,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--steady-s", type=float, default=30.0, help="seconds per anytime phase")
     beyond.add_argument("--capacity-s", type=float, default=15.0)
     beyond.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
+    beyond.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
     beyond.set_defaults(func=cmd_beyond)
 
     conns = sub.add_parser(
