@@ -33,7 +33,9 @@ def test_summary_counts_goodput_accuracy_and_agreement_against_full_depth() -> N
     assert s["full_depth_accuracy_same_rows"] == pytest.approx(2 / 3, abs=1e-4)
     assert s["agreement_with_full_depth"] == pytest.approx(1 / 3, abs=1e-4)
     assert (s["num_better_than_full_depth"], s["num_worse_than_full_depth"]) == (1, 1)
-    assert s["degraded_share"] == pytest.approx(2 / 3, abs=1e-4) and s["mean_exit_layer"] == pytest.approx(3.0)
+    assert s["degraded_share"] == pytest.approx(2 / 3, abs=1e-4) and s["mean_exit_layer"] == pytest.approx(
+        3.0
+    )
     assert s["recovery"]["back_to_normal_s"] == 0.0
 
 
