@@ -21,8 +21,10 @@ from server.engine.admission import (
     admit,
 )
 from server.engine.errors import DeadlineExceededError, InvalidRequestError, QueueFullError
-from server.engine.scheduler import DEADLINE_REPLY_SLACK_S, RowSpec, Scheduler
+from server.engine.scheduler import DEADLINE_REPLY_SLACK_S, RowExit, RowSpec, Scheduler
+from server.engine.shadow import ShadowSampler
 from server.engine.targets import MAX_DEGRADE_LEVELS, degrade_plan
+from server.engine.types import EngineConfig, NullObserver
 from tests.server.engine.fakes import FakeRunner, add_request, layer_probs, make_scheduler, step
 
 pytestmark = pytest.mark.unit
@@ -367,3 +369,33 @@ def test_trust_checks_on_the_calibration_rows_themselves_observe_what_is_stated(
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     far = BinCheck(1, "0-1", 0.99, 100, 50, *wilson_interval(50, 100))
     assert not far.holds
+
+
+class _TrustObserver(NullObserver):
+    def __init__(self) -> None:
+        self.trust: list[tuple[int, str, bool]] = []
+
+    def guard_trust_result(self, layer: int, bin_label: str, agreed: bool) -> None:
+        self.trust.append((layer, bin_label, agreed))
+
+
+def test_shadow_re_runs_are_tallied_per_trust_cell() -> None:
+    table = AgreementTable(
+        num_rows=[[50, 0, 0, 0, 0, 0, 0, 50], [0] * 8, [0] * 8],
+        num_agreed=[[40, 0, 0, 0, 0, 0, 0, 50], [0] * 8, [0] * 8],
+    )
+    observer = _TrustObserver()
+    sampler = ShadowSampler(EngineConfig(guard_sample_fraction=1.0), 3, 0.5, {}, observer, trust=table)
+    scheduler = make_scheduler(num_layers=3)
+    rows = []
+    for confidence, full_label in ((0.55, 1), (0.9995, 0)):
+        _, (row_id,) = add_request(scheduler, 1)
+        row = scheduler._rows[row_id]
+        sampler.offer(scheduler, row, RowExit(row_id, 0, (confidence, 1 - confidence), 1), 0.5, False)
+        rows.append(full_label)
+    shadows = list(scheduler._shadow_waiting)
+    assert len(shadows) == 2
+    for shadow, full_label in zip(shadows, rows, strict=True):
+        sampler.finished(shadow, RowExit(shadow.row_id, full_label, (0.5, 0.5), 3))
+    cell_low, cell_high = table.cell(1, 0.55).label, table.cell(1, 0.9995).label
+    assert observer.trust == [(1, cell_low, False), (1, cell_high, True)]
