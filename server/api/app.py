@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -75,6 +76,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(routes_v1.router)
     app.include_router(routes_v2.router)
+    _document_hand_read_bodies(app)
 
     # add_middleware wraps: the last added runs first. Order seen by a request:
     # timing/metrics -> CORS -> API key -> body cap -> routes.
@@ -93,3 +95,20 @@ def create_app(
         )
     app.add_middleware(TimingMiddleware, metrics=metrics)
     return app
+
+
+def _document_hand_read_bodies(app: FastAPI) -> None:
+    """The v2 infer body is read by hand (JSON, maybe followed by binary tensors): the schemas its
+    documented JSON form refers to go into the OpenAPI document's components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in routes_v2.INFER_BODY_DEFS.items():
+                schemas.setdefault(name, schema)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import CLIENT_CLOSED_REQUEST, ApiError, error_body_bytes
+from server.api.errors import CLIENT_CLOSED_REQUEST, ApiError, error_body_bytes, is_v2_path
 from server.api.state import REQUEST_START_KEY, format_ms
 from server.metrics import ServerMetrics
 
@@ -25,10 +25,16 @@ UNMATCHED_ROUTE = "unmatched"  # metrics label for paths no route matched (keeps
 
 
 async def send_error(
-    send: Send, status: int, error_type: str, message: str, extra_headers: Iterable[tuple[str, str]] = ()
+    send: Send,
+    status: int,
+    error_type: str,
+    message: str,
+    extra_headers: Iterable[tuple[str, str]] = (),
+    v2: bool = False,
 ) -> None:
-    """Answer with the one error body shape, from middleware that runs before the app."""
-    body = error_body_bytes(error_type, message)
+    """Answer with the one error body shape (the protocol's on v2 routes), from middleware that runs
+    before the app."""
+    body = error_body_bytes(error_type, message, None, v2)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -76,7 +82,13 @@ class TimingMiddleware:
             # gets the one error body, not the server's plain-text 500.
             if not started:
                 with contextlib.suppress(Exception):
-                    await send_error(timed_send, 503, "not_ready", "server shutting down; retry")
+                    await send_error(
+                        timed_send,
+                        503,
+                        "not_ready",
+                        "server shutting down; retry",
+                        v2=is_v2_path(scope["path"]),
+                    )
             raise
         finally:
             duration_s = time.monotonic() - start_s
@@ -108,7 +120,14 @@ class ApiKeyMiddleware:
             return
         if not self._authorized(Headers(scope=scope)):
             message = "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-            await send_error(send, 401, "unauthorized", message, [("WWW-Authenticate", "Bearer")])
+            await send_error(
+                send,
+                401,
+                "unauthorized",
+                message,
+                [("WWW-Authenticate", "Bearer")],
+                is_v2_path(scope["path"]),
+            )
             return
         await self.app(scope, receive, send)
 
@@ -134,10 +153,14 @@ class BodyLimitMiddleware:
         content_length = Headers(scope=scope).get("content-length")
         if content_length is not None:
             if not content_length.isdigit():
-                await send_error(send, 400, "bad_request", "Content-Length is not a number")
+                await send_error(
+                    send, 400, "bad_request", "Content-Length is not a number", v2=is_v2_path(scope["path"])
+                )
                 return
             if int(content_length) > self.max_body_bytes:
-                await send_error(send, 413, "payload_too_large", self._too_large())
+                await send_error(
+                    send, 413, "payload_too_large", self._too_large(), v2=is_v2_path(scope["path"])
+                )
                 return
         num_bytes = 0
 

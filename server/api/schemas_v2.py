@@ -26,14 +26,15 @@ class ModelMetadata(BaseModel):
 
 
 class InferInputTensor(BaseModel):
-    """One input tensor; BYTES data as JSON strings, flat or nested by shape."""
+    """One input tensor: BYTES data as JSON strings, flat or nested by shape, or (binary tensor data
+    extension) ``parameters.binary_data_size`` bytes after the JSON header and no ``data``."""
 
     model_config = ConfigDict(extra="forbid")
     name: str
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = None
 
 
 class InferRequestedOutput(BaseModel):
@@ -55,12 +56,13 @@ class InferRequest(BaseModel):
 
 
 class InferOutputTensor(BaseModel):
-    """One output tensor."""
+    """One output tensor: ``data``, or (binary) ``parameters.binary_data_size`` bytes after the header."""
 
     name: str
     datatype: str
     shape: list[int]
-    data: list[Any]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
 
 
 class InferResponse(BaseModel):

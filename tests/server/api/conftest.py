@@ -71,9 +71,15 @@ async def served() -> AsyncIterator[Served]:
 
 
 def assert_error(response: httpx.Response, status: int, error_type: str, field: str | None = None) -> str:
-    """The reply has ``status`` and the one error shape; returns the message."""
+    """The reply has ``status`` and the one error shape (on /v2, the protocol's: ``error`` is the message,
+    ``type`` and ``field`` beside it); returns the message."""
     assert response.status_code == status, response.text
     body = response.json()
+    if response.request.url.path.startswith("/v2"):
+        assert set(body) == {"error", "type", "field"}, body
+        assert body["type"] == error_type and body["field"] == field, body
+        assert isinstance(body["error"], str) and body["error"]
+        return str(body["error"])
     assert set(body) == {"error"}
     assert set(body["error"]) == {"type", "message", "field"}
     assert body["error"]["type"] == error_type
