@@ -24,7 +24,7 @@ ENV_PREFIX = "EXITSERVE_"
 MIB = 1 << 20
 _NONE_STRINGS = frozenset({"", "none", "null"})
 # Routes that answer without an API key unless configured otherwise: probes and scrapers carry no key.
-DEFAULT_OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+DEFAULT_OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/health")
 
 
 class Settings(BaseSettings):

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from server.api import routes_v1, routes_v2
+from server.api import routes_tei, routes_v1, routes_v2
 from server.api.errors import install_error_handlers
 from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, TimingMiddleware
 from server.api.state import AppState, EngineFactory
@@ -76,6 +76,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(routes_v1.router)
     app.include_router(routes_v2.router)
+    app.include_router(routes_tei.router)
     _document_hand_read_bodies(app)
 
     # add_middleware wraps: the last added runs first. Order seen by a request:

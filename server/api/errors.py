@@ -81,23 +81,33 @@ class ApiError(StarletteHTTPException):
 
 
 V2_PREFIX = "/v2"
+TEI_PATHS = frozenset({"/", "/predict", "/info", "/health"})
 
 
-def error_body(error_type: str, message: str, field: str | None = None, v2: bool = False) -> dict[str, Any]:
-    """The one error body shape; on the v2 routes, the Open Inference Protocol's (``error`` is the
-    message, a string, as Triton's clients read it; ``type`` and ``field`` ride along beside it)."""
-    if v2:
+def error_flavour(path: str) -> str:
+    """Which protocol's error body a path answers with: "v2" (Open Inference Protocol), "tei"
+    (text-embeddings-inference and the Hugging Face inference API) or "v1" (ours)."""
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        return "v2"
+    return "tei" if path in TEI_PATHS else "v1"
+
+
+def error_body(
+    error_type: str, message: str, field: str | None = None, flavour: str = "v1"
+) -> dict[str, Any]:
+    """The one error body shape, or the protocol's where a client of that protocol reads it: v2's
+    ``error`` is the message, a string (Triton's clients read it so; ``type`` and ``field`` ride along
+    beside it), TEI's has ``error`` and ``error_type`` (``field`` beside them)."""
+    if flavour == "v2":
         return {"error": message, "type": error_type, "field": field}
+    if flavour == "tei":
+        return {"error": message, "error_type": error_type, "field": field}
     return {"error": {"type": error_type, "message": message, "field": field}}
 
 
-def is_v2_path(path: str) -> bool:
-    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
-
-
-def error_body_bytes(error_type: str, message: str, field: str | None = None, v2: bool = False) -> bytes:
+def error_body_bytes(error_type: str, message: str, field: str | None = None, flavour: str = "v1") -> bytes:
     """The error body as bytes, for pure ASGI middleware that answers before the app runs."""
-    return json.dumps(error_body(error_type, message, field, v2)).encode()
+    return json.dumps(error_body(error_type, message, field, flavour)).encode()
 
 
 def error_response(
@@ -106,10 +116,11 @@ def error_response(
     message: str,
     field: str | None = None,
     headers: Mapping[str, str] | None = None,
-    v2: bool = False,
+    flavour: str = "v1",
 ) -> JSONResponse:
-    """A JSON reply in the one error shape (the protocol's on the v2 routes)."""
-    return JSONResponse(error_body(error_type, message, field, v2), status_code=status, headers=headers)
+    """A JSON reply in the one error shape (a protocol's on its routes, see ``error_flavour``)."""
+    body = error_body(error_type, message, field, flavour)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def status_for(error: EngineError) -> tuple[int, str]:
@@ -120,17 +131,17 @@ def status_for(error: EngineError) -> tuple[int, str]:
     return 500, "internal_error"
 
 
-def engine_error_response(error: EngineError, v2: bool = False) -> JSONResponse:
+def engine_error_response(error: EngineError, flavour: str = "v1") -> JSONResponse:
     """Map an engine error to its reply (Retry-After on 429, generic message on 500)."""
     status, error_type = status_for(error)
     if status >= 500 and status != 503 and status != 504:
         logger.error("engine error %s: %s", type(error).__name__, error.public_message)
-        return error_response(status, error_type, GENERIC_500_MESSAGE, v2=v2)
+        return error_response(status, error_type, GENERIC_500_MESSAGE, flavour=flavour)
     headers = None
     if isinstance(error, QueueFullError):
         headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
     field = error.field if isinstance(error, InvalidRequestError) else None
-    return error_response(status, error_type, error.public_message, field, headers, v2)
+    return error_response(status, error_type, error.public_message, field, headers, flavour)
 
 
 def field_from_loc(loc: Sequence[int | str]) -> str | None:
@@ -147,25 +158,29 @@ def field_from_loc(loc: Sequence[int | str]) -> str | None:
     return field or None
 
 
-def validation_error_response(error: RequestValidationError, v2: bool = False) -> JSONResponse:
+def validation_error_response(error: RequestValidationError, flavour: str = "v1") -> JSONResponse:
     """The first validation problem, naming its field (422), or 400 for a body that is not JSON."""
     errors = error.errors()
     first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "invalid JSON")
-        return error_response(400, "invalid_json", f"request body is not valid JSON: {reason}", v2=v2)
+        return error_response(
+            400, "invalid_json", f"request body is not valid JSON: {reason}", flavour=flavour
+        )
     loc = tuple(first.get("loc", ()))
     field = field_from_loc(loc)
     if loc == ("body",):
         if first.get("type") == "missing":
-            return error_response(422, "invalid_request", "a JSON request body is required", v2=v2)
-        return error_response(422, "invalid_request", "the request body must be a JSON object", v2=v2)
+            return error_response(422, "invalid_request", "a JSON request body is required", flavour=flavour)
+        return error_response(
+            422, "invalid_request", "the request body must be a JSON object", flavour=flavour
+        )
     message = str(first.get("msg", "invalid value"))
     if field and not message.startswith(field):
         message = f"{field}: {message}"
     elif field and (element := re.match(re.escape(field) + r"\[\d+\]", message)):
         field = element.group(0)  # a check of one list element names it: "inputs[3]", not "inputs"
-    return error_response(422, "invalid_request", message, field, v2=v2)
+    return error_response(422, "invalid_request", message, field, flavour=flavour)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -173,28 +188,34 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_engine_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, EngineError)
-        return engine_error_response(exc, is_v2_path(request.url.path))
+        return engine_error_response(exc, error_flavour(request.url.path))
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return validation_error_response(exc, is_v2_path(request.url.path))
+        return validation_error_response(exc, error_flavour(request.url.path))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        v2 = is_v2_path(request.url.path)
+        flavour = error_flavour(request.url.path)
         if isinstance(exc, ApiError):
-            return error_response(exc.status_code, exc.error_type, exc.message, exc.field, exc.headers, v2)
+            return error_response(
+                exc.status_code, exc.error_type, exc.message, exc.field, exc.headers, flavour
+            )
         error_type = HTTP_STATUS_TYPES.get(exc.status_code, "http_error")
         if exc.status_code >= 500:
-            return error_response(exc.status_code, error_type, GENERIC_500_MESSAGE, None, exc.headers, v2)
+            return error_response(
+                exc.status_code, error_type, GENERIC_500_MESSAGE, None, exc.headers, flavour
+            )
         message = exc.detail if isinstance(exc.detail, str) else error_type.replace("_", " ")
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        return error_response(exc.status_code, error_type, message, None, exc.headers, v2)
+        return error_response(exc.status_code, error_type, message, None, exc.headers, flavour)
 
     async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", GENERIC_500_MESSAGE, v2=is_v2_path(request.url.path))
+        return error_response(
+            500, "internal_error", GENERIC_500_MESSAGE, flavour=error_flavour(request.url.path)
+        )
 
     app.add_exception_handler(EngineError, on_engine_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

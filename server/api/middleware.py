@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import CLIENT_CLOSED_REQUEST, ApiError, error_body_bytes, is_v2_path
+from server.api.errors import CLIENT_CLOSED_REQUEST, ApiError, error_body_bytes, error_flavour
 from server.api.state import REQUEST_START_KEY, format_ms
 from server.metrics import ServerMetrics
 
@@ -30,11 +30,11 @@ async def send_error(
     error_type: str,
     message: str,
     extra_headers: Iterable[tuple[str, str]] = (),
-    v2: bool = False,
+    flavour: str = "v1",
 ) -> None:
     """Answer with the one error body shape (the protocol's on v2 routes), from middleware that runs
     before the app."""
-    body = error_body_bytes(error_type, message, None, v2)
+    body = error_body_bytes(error_type, message, None, flavour)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -87,7 +87,7 @@ class TimingMiddleware:
                         503,
                         "not_ready",
                         "server shutting down; retry",
-                        v2=is_v2_path(scope["path"]),
+                        flavour=error_flavour(scope["path"]),
                     )
             raise
         finally:
@@ -126,7 +126,7 @@ class ApiKeyMiddleware:
                 "unauthorized",
                 message,
                 [("WWW-Authenticate", "Bearer")],
-                is_v2_path(scope["path"]),
+                error_flavour(scope["path"]),
             )
             return
         await self.app(scope, receive, send)
@@ -154,12 +154,16 @@ class BodyLimitMiddleware:
         if content_length is not None:
             if not content_length.isdigit():
                 await send_error(
-                    send, 400, "bad_request", "Content-Length is not a number", v2=is_v2_path(scope["path"])
+                    send,
+                    400,
+                    "bad_request",
+                    "Content-Length is not a number",
+                    flavour=error_flavour(scope["path"]),
                 )
                 return
             if int(content_length) > self.max_body_bytes:
                 await send_error(
-                    send, 413, "payload_too_large", self._too_large(), v2=is_v2_path(scope["path"])
+                    send, 413, "payload_too_large", self._too_large(), flavour=error_flavour(scope["path"])
                 )
                 return
         num_bytes = 0

@@ -263,7 +263,7 @@ NOT_READY: dict[int | str, dict[str, Any]] = {
 
 def _not_ready(state: AppState) -> Any:
     reason = "draining" if state.draining else "the engine is not ready"
-    return error_response(400, "not_ready", reason, v2=True)
+    return error_response(400, "not_ready", reason, flavour="v2")
 
 
 @router.get("/health/ready", responses=NOT_READY)

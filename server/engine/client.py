@@ -202,10 +202,10 @@ class EngineClient:
         else:
             encoded = await asyncio.to_thread(self._tokenize, texts)
         truncated = [t for _, t in encoded]
-        if self.config.strict_length and any(truncated):
+        if (self.config.strict_length or options.refuse_truncated) and any(truncated):
             index = truncated.index(True)
             raise PayloadTooLargeError(
-                f"inputs[{index}] is longer than {info.max_seq_length} tokens (strict length mode)"
+                f"inputs[{index}] is longer than {info.max_seq_length} tokens and may not be truncated"
             )
         if not self.is_ready():  # the core went down while a thread tokenized
             raise NotReadyError("engine is not ready")

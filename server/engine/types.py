@@ -59,6 +59,7 @@ class ClassifyOptions:
     best_effort: bool = False  # at the deadline: the deepest ramp's answer so far, not a 504
     drop_pts: float = 0.0  # calibrated accuracy drop of (criterion, speed) against full depth, points
     degrade_levels: tuple[DegradeLevel, ...] = ()  # faster settings allowed under overload, least first
+    refuse_truncated: bool = False  # an input longer than the model takes is a 413, not cut (TEI's default)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,14 @@ def test_defaults() -> None:
     assert (s.host, s.port) == ("127.0.0.1", 8000)
     assert s.max_body_bytes == 2 * 1024 * 1024
     assert s.api_key is None and s.cors_origins == []
-    assert s.open_paths == ["/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"]
+    assert s.open_paths == [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/health",
+    ]
     assert s.batching is BatchingMode.REFILL
     assert s.default_deadline_ms is None and s.strict_length is False
 
