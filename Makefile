@@ -33,8 +33,8 @@ serve: install
 	$(PY) -m server --store $(STORE) --host $(HOST) --port $(PORT)
 
 lint: install
-	$(PY) -m ruff check server model_store loadtest tests
-	$(PY) -m ruff format --check server model_store loadtest tests
+	$(PY) -m ruff check server model_store loadtest exitserve_client tests
+	$(PY) -m ruff format --check server model_store loadtest exitserve_client tests
 
 typecheck: install
 	$(PY) -m mypy
