@@ -63,9 +63,9 @@ def load_model(settings: Settings) -> LoadedModel | None:
 
 def serve(settings: Settings) -> int:
     """Load the model and serve until stopped; the exit status."""
-    from server.serving import configure_logging
+    from server.logs import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, log_format=settings.log_format)
     num_frontends = settings.num_frontends()
     if num_frontends > 1:
         from server.supervisor import Supervisor

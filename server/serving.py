@@ -1,11 +1,10 @@
-"""What every HTTP front end shares: logging, connection limits, the uvicorn config, the draining server."""
+"""What every HTTP front end shares: connection limits, the uvicorn config, the draining server."""
 
 from __future__ import annotations
 
 import logging
 import math
 import signal
-import sys
 from collections.abc import Callable
 from types import FrameType
 
@@ -47,17 +46,6 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def configure_logging(level: str, process: str = "") -> None:
-    """Plain-text logs on stderr; request texts are never logged."""
-    tag = f"[{process}] " if process else ""
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-
-
 def draining_server(app: FastAPI, settings: Settings) -> DrainingServer:
     """uvicorn for ``app`` with the connection limits and the drain timing of ``settings``."""
     limits = connection_limits(settings)
@@ -74,6 +62,7 @@ def draining_server(app: FastAPI, settings: Settings) -> DrainingServer:
         port=settings.port,
         http=protocol_class(limits),
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's own lines go through our handler (text or JSON), not its formatter
         access_log=False,  # our own access log (exitserve.access) names the route, never the body
         # The engine answers what is left at drain_timeout_s with 503; uvicorn waits a little longer so
         # those answers go out before it would cancel the requests itself.

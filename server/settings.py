@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="log level"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text, or json: one object per line with time, level, logger, message, request_id",
+    )
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
     )

@@ -56,10 +56,10 @@ def core_main(settings: Settings, address: str, epoch_value: Any, busy_value: An
     from server.engine.core import EngineCore
     from server.engine.info import expected_agreement
     from server.engine.messages import CoreSocket
+    from server.logs import configure_logging
     from server.metrics import ServerMetrics
-    from server.serving import configure_logging
 
-    configure_logging(settings.log_level, f"core {epoch}")
+    configure_logging(settings.log_level, f"core {epoch}", settings.log_format)
     stopping = False
 
     def stop(sig: int, frame: FrameType | None) -> None:
@@ -108,9 +108,10 @@ def frontend_main(
     from server.engine.info import static_model_info
     from server.engine.remote import RemoteEngine
     from server.engine.types import EngineObserver
-    from server.serving import configure_logging, draining_server
+    from server.logs import configure_logging
+    from server.serving import draining_server
 
-    configure_logging(settings.log_level, f"front end {index}")
+    configure_logging(settings.log_level, f"front end {index}", settings.log_format)
     # The manifest and the tokenizer only: the core loaded and checked the whole version, and the front
     # end needs neither torch nor transformers (a smaller process, started in about a second).
     version_dir = StoreLayout(settings.store).version_dir(settings.model, settings.model_version)

@@ -91,8 +91,14 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-            expose_headers=["X-Queue-Time-Ms", "X-Inference-Time-Ms", "X-Total-Time-Ms", "Retry-After"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-Id"],
+            expose_headers=[
+                "X-Queue-Time-Ms",
+                "X-Inference-Time-Ms",
+                "X-Total-Time-Ms",
+                "X-Request-Id",
+                "Retry-After",
+            ],
         )
     app.add_middleware(TimingMiddleware, metrics=metrics)
     return app

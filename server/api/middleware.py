@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import CLIENT_CLOSED_REQUEST, ApiError, error_body_bytes, error_flavour
 from server.api.state import REQUEST_START_KEY, format_ms
+from server.logs import request_id_from, request_id_var
 from server.metrics import ServerMetrics
 
 access_logger = logging.getLogger("exitserve.access")
@@ -49,7 +50,8 @@ def route_template(scope: Scope) -> str:
 
 
 class TimingMiddleware:
-    """Stamps the arrival time, adds X-Total-Time-Ms, records HTTP metrics, writes the access log."""
+    """Stamps the arrival time and the request id (``server/logs.py``), adds X-Total-Time-Ms and
+    X-Request-Id, records HTTP metrics, writes the access log."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -61,6 +63,8 @@ class TimingMiddleware:
             return
         start_s = time.monotonic()
         scope[REQUEST_START_KEY] = start_s
+        request_id = request_id_from(Headers(scope=scope).get("x-request-id"))
+        token = request_id_var.set(request_id)
         status = 500  # if the app raises before answering, ServerErrorMiddleware answers 500
         started = False
 
@@ -71,7 +75,11 @@ class TimingMiddleware:
                 total = format_ms(time.monotonic() - start_s)
                 message = {
                     **message,
-                    "headers": [*message.get("headers", []), (b"x-total-time-ms", total.encode())],
+                    "headers": [
+                        *message.get("headers", []),
+                        (b"x-total-time-ms", total.encode()),
+                        (b"x-request-id", request_id.encode()),
+                    ],
                 }
             await send(message)
 
@@ -95,7 +103,21 @@ class TimingMiddleware:
             route = route_template(scope)
             self.metrics.http_request(route, status, duration_s)
             level = logging.INFO if status != CLIENT_CLOSED_REQUEST else logging.DEBUG
-            access_logger.log(level, "%s %s %d %.1fms", scope["method"], route, status, duration_s * 1000.0)
+            access_logger.log(
+                level,
+                "%s %s %d %.1fms",
+                scope["method"],
+                route,
+                status,
+                duration_s * 1000.0,
+                extra={
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(duration_s * 1000.0, 3),
+                },
+            )
+            request_id_var.reset(token)
 
 
 class ApiKeyMiddleware:
