@@ -75,8 +75,8 @@ class ServerMetrics:
         )
         self._request_duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
-            "End-to-end HTTP request latency",
-            ["model", "route"],
+            "End-to-end HTTP request latency, by route and status (a fast 429 is not a good answer)",
+            ["model", "route", "status"],
             buckets=LATENCY_BUCKETS_S,
             registry=reg,
         )
@@ -196,6 +196,22 @@ class ServerMetrics:
             registry=reg,
             multiprocess_mode=LATEST,
         )
+        # Rows queued or in flight (a 256-input request counts 256): what the HPA scales on.
+        self._rows_in_system = Gauge(
+            f"{PREFIX}_rows_in_system",
+            "Input rows admitted and not yet answered (queued or in flight)",
+            ["model"],
+            registry=reg,
+            multiprocess_mode=LATEST,
+        ).labels(model)
+        # The model version this process serves: pods on different versions show up as two series.
+        self._model_info = Gauge(
+            f"{PREFIX}_model_info",
+            "1 for the model version served",
+            ["model", "version"],
+            registry=reg,
+            multiprocess_mode=LATEST,
+        )
         # Anytime answers and degradation under overload.
         self._deadline_exits = Counter(
             f"{PREFIX}_deadline_exit_rows",
@@ -239,6 +255,10 @@ class ServerMetrics:
             for cell in row:
                 self._trust_stated.labels(self.model, str(cell.layer), cell.label).set(cell.stated)
 
+    def set_model_version(self, version: str) -> None:
+        """``exitserve_model_info{version}`` = 1 for the version served."""
+        self._model_info.labels(self.model, version).set(1)
+
     def bind_model(self, num_layers: int, default_speed: float | None = None) -> None:
         """Create the per-layer metrics for a model of ``num_layers`` layers (buckets le=1..L)."""
         if default_speed is not None:
@@ -270,7 +290,7 @@ class ServerMetrics:
     def http_request(self, route: str, status: int, duration_s: float) -> None:
         """One answered HTTP request; ``route`` is a route template, never a raw path."""
         self._requests.labels(self.model, route, str(status)).inc()
-        self._request_duration.labels(self.model, route).observe(duration_s)
+        self._request_duration.labels(self.model, route, str(status)).observe(duration_s)
 
     def exposition(self) -> bytes:
         """The registry (in multiprocess mode: every process's samples) in the Prometheus text format."""
@@ -289,6 +309,7 @@ class ServerMetrics:
 
     def inflight(self, num_requests: int, num_rows: int) -> None:
         self._inflight.set(num_requests)
+        self._rows_in_system.set(num_rows)
 
     def queue_wait(self, wait_s: float) -> None:
         self._queue_wait.observe(wait_s)

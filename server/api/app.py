@@ -48,6 +48,7 @@ def create_app(
         if info.name != settings.model:
             logger.warning("serving model %r while settings name %r", info.name, settings.model)
         metrics.bind_model(info.num_layers, info.default_speed)
+        metrics.set_model_version(info.version)
         expected = (info.live_guard or {}).get("expected_agreement")
         if isinstance(expected, dict):
             metrics.set_guard_expectation({str(k): float(v) for k, v in expected.items()})

@@ -88,6 +88,7 @@ def test_service_monitor(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"] == "exitserve"
     assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # the chart's default selector
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
     port_names = {port["name"] for port in service["spec"]["ports"]}
@@ -115,6 +116,14 @@ def test_objects_agree(rendered: tuple[str, list[dict[str, Any]]]) -> None:
         assert not selector.items() <= job_labels.items()
     assert container["envFrom"][0]["configMapRef"]["name"] == settings["metadata"]["name"]
     assert all(key.startswith("EXITSERVE_") for key in settings["data"])
+    # The API key comes from a Secret, never the ConfigMap; the model version is pinned.
+    assert "EXITSERVE_API_KEY" not in settings["data"]
+    (api_key,) = container["env"]
+    assert api_key["name"] == "EXITSERVE_API_KEY" and api_key["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert settings["data"]["EXITSERVE_MODEL_VERSION"]
+    # A node drain (PDB maxUnavailable 1) always leaves a pod serving: at least 2 replicas.
+    assert by_kind(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert by_kind(objects, "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
     # Probes: the server's health routes, on the named port.
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"

@@ -46,6 +46,9 @@ METRIC_FAMILIES = {
     "exitserve_degraded_rows": "counter",
     "exitserve_effective_speed": "gauge",
     "exitserve_predicted_accuracy_drop_points": "gauge",
+    # deployment: rows for the HPA, the served version for skew alerts
+    "exitserve_rows_in_system": "gauge",
+    "exitserve_model_info": "gauge",
 }
 
 
@@ -185,7 +188,8 @@ async def test_metrics_after_requests() -> None:
         assert value("exitserve_requests_total", route="/v1/classify", status="422") == 1
         assert value("exitserve_requests_total", route="unmatched", status="404") == 1
         assert value("exitserve_requests_total", route="/v2/models/{name}/infer", status="200") == 1
-        assert value("exitserve_request_duration_seconds_count", route="/v1/classify") == 3
+        assert value("exitserve_request_duration_seconds_count", route="/v1/classify", status="200") == 2
+        assert value("exitserve_request_duration_seconds_count", route="/v1/classify", status="422") == 1
         assert value("exitserve_ready") == 1
         assert value("exitserve_default_speed") == 0.25  # the model's default, set at start-up
         s.app.state.exitserve.begin_drain()
