@@ -154,3 +154,49 @@ def test_objects_agree(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     else:
         assert gpus is None and "EXITSERVE_DEVICE" not in settings["data"]
         assert not container["image"].endswith("-cuda")
+
+
+def _generator() -> Any:
+    import importlib.util
+
+    path = DEPLOY.parent / "scripts" / "generate_k8s_monitoring.py"
+    spec = importlib.util.spec_from_file_location("generate_k8s_monitoring", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_monitoring_manifests_are_generated_from_the_compose_files() -> None:
+    """The PrometheusRule holds exactly the rule groups the Compose stack's Prometheus loads (its
+    prometheus.yml rule_files), the dashboard ConfigMap the dashboard Compose's Grafana provisions; the
+    committed files are what the generator writes now."""
+    generator = _generator()
+    for name, build in generator.GENERATED.items():
+        assert (K8S / "monitoring" / name).read_text() == build(), f"regenerate {name}"
+    result = subprocess.run(
+        [require_tool("kubectl"), "kustomize", str(K8S / "monitoring")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    rule = by_kind(objects, "PrometheusRule")
+    compose_prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    loaded = []
+    for path in compose_prometheus["rule_files"]:
+        loaded += yaml.safe_load((DEPLOY / "prometheus" / path).read_text())["groups"]
+    assert rule["spec"]["groups"] == loaded
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    dashboard = by_kind(objects, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert (
+        dashboard["data"]["exitserve.json"]
+        == (DEPLOY / "grafana" / "dashboards" / "exitserve.json").read_text()
+    )
+    try:
+        import kubernetes_validate
+    except ImportError:
+        missing("kubernetes-validate is not installed")
+    kubernetes_validate.validate(dashboard, KUBERNETES_VERSIONS[-1], strict=True)
