@@ -61,8 +61,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         request_timeout_s=args.timeout_s,
         num_warmup_requests=args.warmup,
+        allow_remote=args.allow_remote,
+        api_key=args.api_key,
+        inputs_per_request=args.inputs_per_request,
+        protocol=args.protocol,
+        model=args.model,
     )
-    target = describe_target(settings.url)
+    target = describe_target(settings.url, settings.api_key)
     started_at = now_iso()
     progress = stderr_progress(args.name, settings.max_requests, settings.max_duration_s, args.quiet)
     result = run_load_sync(settings, examples, progress)
@@ -207,7 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="one bounded run against a loopback server")
-    run.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback only)")
+    run.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="server base URL (loopback unless --allow-remote)"
+    )
+    run.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback URL: your own deployment (http or https)",
+    )
+    run.add_argument(
+        "--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (never written out)"
+    )
+    run.add_argument("--inputs-per-request", type=int, default=1, help="texts per request (batched inputs)")
+    run.add_argument("--protocol", choices=["v1", "v2"], default="v1", help="v1 classify or v2 infer route")
+    run.add_argument("--model", default=None, help="v2: model name in the route (default: from /v1/models)")
     run.add_argument("--mode", choices=["closed", "open"], default="closed")
     run.add_argument(
         "--concurrency", type=int, default=32, help="closed loop: requests in flight; open loop: connections"

@@ -1,8 +1,11 @@
 """The load generator: closed loop (fixed concurrency) or open loop (Poisson arrivals), always bounded
-in request count and in time, against loopback URLs only.
+in request count and in time, against loopback URLs unless ``allow_remote`` (a user's own deployment:
+``--allow-remote``, with its API key).
 
-Every request sends one input of the dataset (request i sends example i mod N) at one speed of the run's
-mix (drawn with the run's seeded RNG), and records status, latency, predicted label and exit layer.
+Every request sends ``inputs_per_request`` inputs of the dataset (request i sends examples from
+i x inputs_per_request on, mod N) at one speed of the run's mix (drawn with the run's seeded RNG), on the
+v1 route or the v2 (Open Inference Protocol) infer route, and records status, latency, predicted labels
+and exit layers.
 Open-loop latency runs from the *scheduled* send time, so a slow client or server cannot hide queueing
 (no coordinated omission); the client's own lag is reported next to it.
 
@@ -21,7 +24,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import httpx
@@ -29,11 +32,12 @@ import httpx
 from loadtest.arrivals import poisson_arrival_times_s
 from loadtest.dataset import Example
 from loadtest.progress import Progress
-from loadtest.safety import require_loopback
+from loadtest.safety import require_http, require_loopback
 from loadtest.stats import RequestRecord, summarize, summarize_by_speed
 from loadtest.transport import LoopbackTransport
 
 Mode = Literal["closed", "open"]
+Protocol = Literal["v1", "v2"]
 CLASSIFY_PATH = "/v1/classify"
 HEADERS = {"content-type": "application/json"}
 
@@ -55,9 +59,21 @@ class LoadSettings:
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 10.0  # after the time bound: how long in-flight requests may still finish
     num_warmup_requests: int = 0
+    allow_remote: bool = False  # a non-loopback URL (a real deployment); off by default
+    api_key: str | None = field(default=None, repr=False)  # sent as a bearer token; never written out
+    inputs_per_request: int = 1
+    protocol: Protocol = "v1"
+    model: str | None = None  # v2: the model name in the route (default: asked from GET /v1/models)
 
     def __post_init__(self) -> None:
-        require_loopback(self.url)
+        if self.allow_remote:
+            require_http(self.url)
+        else:
+            require_loopback(self.url)
+        if self.inputs_per_request < 1:
+            raise ValueError("inputs_per_request must be at least 1")
+        if self.protocol not in ("v1", "v2"):
+            raise ValueError(f"protocol must be 'v1' or 'v2', got {self.protocol!r}")
         if self.mode not in ("closed", "open"):
             raise ValueError(f"mode must be 'closed' or 'open', got {self.mode!r}")
         if self.mode == "open" and (self.rate_per_s is None or self.rate_per_s <= 0):
@@ -81,20 +97,47 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"settings": asdict(self.settings), "results": self.summary}
+        return {"settings": public_settings(self.settings), "results": self.summary}
+
+
+def public_settings(settings: LoadSettings) -> dict[str, Any]:
+    """The settings as a report may show them: the API key is never written out."""
+    shown = asdict(settings)
+    shown["api_key"] = None if settings.api_key is None else "(set)"
+    return shown
 
 
 def _body(
-    text: str, speed: float | None, criterion: str | None, max_accuracy_drop: float | None = None
+    texts: str | list[str],
+    speed: float | None,
+    criterion: str | None,
+    max_accuracy_drop: float | None = None,
+    protocol: Protocol = "v1",
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"inputs": text}
+    options: dict[str, Any] = {}
     if speed is not None:
-        body["speed"] = speed
+        options["speed"] = speed
     if criterion is not None:
-        body["criterion"] = criterion
+        options["criterion"] = criterion
     if max_accuracy_drop is not None:
-        body["max_accuracy_drop"] = max_accuracy_drop
-    return body
+        options["max_accuracy_drop"] = max_accuracy_drop
+    if protocol == "v2":
+        data = [texts] if isinstance(texts, str) else texts
+        tensor = {"name": "text", "shape": [len(data)], "datatype": "BYTES", "data": data}
+        body: dict[str, Any] = {"inputs": [tensor]}
+        if options:
+            body["parameters"] = options
+        return body
+    return {"inputs": texts, **options}
+
+
+def parse_reply(protocol: Protocol, reply: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """Labels and exit layers of a 200 reply, in input order."""
+    if protocol == "v2":
+        outputs = {o["name"]: o["data"] for o in reply["outputs"]}
+        return [str(label) for label in outputs["label"]], [int(e) for e in outputs["exit_layer"]]
+    results = reply["results"]
+    return [str(r["label"]) for r in results], [int(r["exit_layer"]) for r in results]
 
 
 class _Run:
@@ -114,7 +157,11 @@ class _Run:
         self.idle_connections: asyncio.LifoQueue[LoopbackTransport] = asyncio.LifoQueue()
         for connection in connections:
             self.idle_connections.put_nowait(connection)
-        self.classify_url = httpx.URL(settings.url.rstrip("/") + CLASSIFY_PATH)
+        path = CLASSIFY_PATH if settings.protocol == "v1" else f"/v2/models/{settings.model}/infer"
+        self.classify_url = httpx.URL(settings.url.rstrip("/") + path)
+        self.headers = dict(HEADERS)
+        if settings.api_key is not None:
+            self.headers["authorization"] = f"Bearer {settings.api_key}"
         self.progress = progress
         self._speed_rng = random.Random(settings.seed)
         self._speeds_drawn: list[float | None] = []
@@ -130,23 +177,31 @@ class _Run:
             self._speeds_drawn.append(self._speed_rng.choice(self.settings.speeds))
         return self._speeds_drawn[index]
 
+    def example_indices(self, example_index: int) -> list[int]:
+        """The examples one request sends, from ``example_index`` on."""
+        n = self.settings.inputs_per_request
+        return [(example_index + k) % len(self.examples) for k in range(n)]
+
     def body_of(self, example_index: int, speed: float | None) -> bytes:
         """The request body, encoded once per (example, speed): the client's CPU is the server's too."""
         key = (example_index, speed)
         body = self._bodies.get(key)
         if body is None:
-            text = self.examples[example_index].text
-            body = json.dumps(
-                _body(text, speed, self.settings.criterion, self.settings.max_accuracy_drop)
-            ).encode()
+            texts: str | list[str] = [self.examples[i].text for i in self.example_indices(example_index)]
+            if self.settings.inputs_per_request == 1 and self.settings.protocol == "v1":
+                texts = texts[0]
+            s = self.settings
+            body = json.dumps(_body(texts, speed, s.criterion, s.max_accuracy_drop, s.protocol)).encode()
             self._bodies[key] = body
         return body
 
     async def send(self, index: int, scheduled_at: float) -> None:
-        example_index = index % len(self.examples)
+        example_index = (index * self.settings.inputs_per_request) % len(self.examples)
         example = self.examples[example_index]
         speed = self.speed_of(index)
         status, predicted, exit_layer = "cancelled", None, None
+        labels: list[str] = []
+        exit_layers: list[int] = []
         connection: LoopbackTransport | None = None
         sent_at = time.perf_counter()
         try:
@@ -155,16 +210,20 @@ class _Run:
             sent_at = time.perf_counter()
             reply = await connection.handle_async_request(
                 httpx.Request(
-                    "POST", self.classify_url, content=self.body_of(example_index, speed), headers=HEADERS
+                    "POST",
+                    self.classify_url,
+                    content=self.body_of(example_index, speed),
+                    headers=self.headers,
                 )
             )
             status = str(reply.status_code)
             if reply.status_code == 200:
                 reply_body = json.loads(reply.content)
-                result = reply_body["results"][0]
-                predicted, exit_layer = str(result["label"]), int(result["exit_layer"])
-                if "criterion" in reply_body and "speed" in reply_body:  # what the server says it used
-                    self.settings_used[(str(reply_body["criterion"]), float(reply_body["speed"]))] += 1
+                labels, exit_layers = parse_reply(self.settings.protocol, reply_body)
+                predicted, exit_layer = labels[0], exit_layers[0]
+                used = reply_body.get("parameters", reply_body)  # v2 names them in its parameters
+                if "criterion" in used and "speed" in used:  # what the server says it used
+                    self.settings_used[(str(used["criterion"]), float(used["speed"]))] += 1
         except httpx.HTTPError as e:
             status = f"transport:{type(e).__name__}"
         except (ValueError, KeyError, IndexError, TypeError):
@@ -173,6 +232,8 @@ class _Run:
             latency_s = time.perf_counter() - scheduled_at
             if connection is not None:
                 self.idle_connections.put_nowait(connection)
+            expected = [self.examples[i].label for i in self.example_indices(example_index)]
+            scored = [(e, p) for e, p in zip(expected, labels, strict=False) if e is not None]
             record = RequestRecord(
                 index=index,
                 example_index=example_index,
@@ -184,6 +245,10 @@ class _Run:
                 expected_label=example.label,
                 predicted_label=predicted,
                 exit_layer=exit_layer,
+                num_inputs=self.settings.inputs_per_request,
+                num_correct=sum(e == p for e, p in scored) if labels else None,
+                num_labelled=len(scored),
+                exit_layers=tuple(exit_layers),
             )
             self.records.append(record)
             self.progress.record(record.ok, latency_s)
@@ -221,7 +286,8 @@ async def run_load(
     settings: LoadSettings, examples: Sequence[Example], progress: Progress | None = None
 ) -> RunResult:
     """Run ``settings`` against its URL and return the records and their summary."""
-    require_loopback(settings.url)
+    if settings.protocol == "v2" and settings.model is None:
+        settings = replace(settings, model=await _served_model(settings))
     progress = progress or Progress("run", settings.max_requests, settings.max_duration_s)
     async with contextlib.AsyncExitStack() as stack:
         connections = [
@@ -231,7 +297,7 @@ async def run_load(
         run = _Run(settings, examples, connections, progress)
         for index in range(settings.num_warmup_requests):
             body = run.body_of(index % len(examples), settings.speeds[0])
-            request = httpx.Request("POST", run.classify_url, content=body, headers=HEADERS)
+            request = httpx.Request("POST", run.classify_url, content=body, headers=run.headers)
             await connections[index % len(connections)].handle_async_request(request)
         display = asyncio.create_task(progress.run_display())
         run.started_at = progress.started_at = time.perf_counter()
@@ -266,6 +332,17 @@ async def run_load(
         for (criterion, speed), n in sorted(run.settings_used.items())
     ]
     return RunResult(settings=settings, records=records, duration_s=duration_s, summary=summary)
+
+
+async def _served_model(settings: LoadSettings) -> str:
+    """The model a server serves (``GET /v1/models``), for the v2 route's path."""
+    async with LoopbackTransport(timeout_s=settings.request_timeout_s) as connection:
+        headers = {} if settings.api_key is None else {"authorization": f"Bearer {settings.api_key}"}
+        request = httpx.Request("GET", settings.url.rstrip("/") + "/v1/models", headers=headers)
+        reply = await connection.handle_async_request(request)
+    if reply.status_code != 200:
+        raise ValueError(f"GET /v1/models answered {reply.status_code}; pass the model name")
+    return str(json.loads(reply.content)["models"][0]["name"])
 
 
 def run_load_sync(

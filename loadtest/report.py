@@ -12,10 +12,11 @@ from loadtest.generator import RunResult
 from loadtest.machine import git_commit, machine_info, now_iso
 
 
-def describe_target(url: str) -> dict[str, Any]:
+def describe_target(url: str, api_key: str | None = None) -> dict[str, Any]:
     """What the server says it serves (``GET /v1/models``), best effort."""
+    headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
     try:
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
+        with httpx.Client(timeout=5.0, trust_env=False, headers=headers) as client:
             reply = client.get(f"{url}/v1/models")
         if reply.status_code == 200:
             body: dict[str, Any] = reply.json()

@@ -1,4 +1,5 @@
-"""The load generator only ever talks to this machine: every target URL must be loopback."""
+"""The load generator talks to this machine only, unless told otherwise: a target URL must be loopback,
+or (``--allow-remote``, a user's own deployment) at least an http(s) URL with a host."""
 
 from __future__ import annotations
 
@@ -32,4 +33,12 @@ def require_loopback(url: str) -> str:
         raise NotLoopbackError(f"refusing {url!r}: host {host!r} is not a loopback address") from None
     if not address.is_loopback:
         raise NotLoopbackError(f"refusing {url!r}: {host} is not a loopback address (127.0.0.0/8, ::1)")
+    return url
+
+
+def require_http(url: str) -> str:
+    """Return ``url`` when it is an http(s) URL with a host (remote targets, explicitly allowed)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise NotLoopbackError(f"refusing {url!r}: an http(s) URL with a host is needed")
     return url

@@ -25,6 +25,12 @@ class RequestRecord:
     expected_label: str | None
     predicted_label: str | None = None
     exit_layer: int | None = None
+    # Requests of several inputs (``--inputs-per-request``): the fields above are the first input's;
+    # these count all of them.
+    num_inputs: int = 1
+    num_correct: int | None = None  # of the inputs with a known label, how many were answered right
+    num_labelled: int = 0
+    exit_layers: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -63,15 +69,25 @@ def accuracy(records: Iterable[RequestRecord]) -> tuple[float | None, int, int]:
     """(accuracy, num_correct, num_scored) over answered requests whose input has a known label."""
     num_correct = num_scored = 0
     for record in records:
-        if record.ok and record.expected_label is not None and record.predicted_label is not None:
+        if not record.ok:
+            continue
+        if record.num_correct is not None:  # a request of several inputs
+            num_scored += record.num_labelled
+            num_correct += record.num_correct
+        elif record.expected_label is not None and record.predicted_label is not None:
             num_scored += 1
             num_correct += record.predicted_label == record.expected_label
     return (num_correct / num_scored if num_scored else None), num_correct, num_scored
 
 
 def exit_layer_histogram(records: Iterable[RequestRecord]) -> dict[str, int]:
-    """Answered requests per exit layer (1-based), keys as strings in layer order (JSON-friendly)."""
-    counts = Counter(r.exit_layer for r in records if r.ok and r.exit_layer is not None)
+    """Answered inputs per exit layer (1-based), keys as strings in layer order (JSON-friendly)."""
+    counts: Counter[int] = Counter()
+    for r in records:
+        if r.ok and r.exit_layers:
+            counts.update(r.exit_layers)
+        elif r.ok and r.exit_layer is not None:
+            counts[r.exit_layer] += 1
     return {str(layer): counts[layer] for layer in sorted(counts)}
 
 
@@ -88,6 +104,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> dict[str, 
         "num_errors": len(records) - len(answered),
         "duration_s": duration_s,
         "throughput_rps": len(answered) / duration_s if duration_s > 0 else 0.0,
+        "rows_per_s": sum(r.num_inputs for r in answered) / duration_s if duration_s > 0 else 0.0,
         "latency_ms": latency_summary_ms([r.latency_s for r in answered]),
         "status_counts": dict(sorted(Counter(r.status for r in records).items())),
         "errors_by_status": dict(sorted(Counter(r.status for r in records if not r.ok).items())),

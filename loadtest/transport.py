@@ -4,8 +4,8 @@ httpx's default transport (httpcore over anyio) spent ~1.2 ms of CPU per request
 15 times a bare asyncio client: the load generator, not the server, set the ceiling, and it took that CPU
 from the server it measured. This transport keeps httpx's API (requests, responses, timeouts) and speaks
 just enough HTTP/1.1 to one host over one kept-alive asyncio connection: ``Content-Length`` or chunked
-replies, reconnect when the server closes. It is not a general-purpose client (no TLS, no proxies, no
-HTTP/2, no 1xx), which a loopback load generator does not need.
+replies, reconnect when the server closes, TLS for an https target (a remote deployment, allowed
+explicitly). It is not a general-purpose client (no proxies, no HTTP/2, no 1xx).
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ class LoopbackTransport(httpx.AsyncBaseTransport):
             return await self._send_and_receive(request)
 
     async def _connect(self, request: httpx.Request) -> None:
-        self._reader, self._writer = await asyncio.open_connection(request.url.host, request.url.port or 80)
+        tls = request.url.scheme == "https"
+        port = request.url.port or (443 if tls else 80)
+        self._reader, self._writer = await asyncio.open_connection(
+            request.url.host, port, ssl=tls or None, server_hostname=request.url.host if tls else None
+        )
 
     async def _send_and_receive(self, request: httpx.Request) -> httpx.Response:
         assert self._reader is not None and self._writer is not None

@@ -53,3 +53,13 @@ def test_cli_refuses_before_sending(tmp_path, capsys) -> None:
     assert code == 2
     assert "not a loopback address" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_remote_targets_only_behind_the_explicit_flag() -> None:
+    with pytest.raises(NotLoopbackError):
+        LoadSettings(url="https://exitserve.example.com")
+    allowed = LoadSettings(url="https://exitserve.example.com", allow_remote=True, api_key="secret-key")
+    assert "secret-key" not in repr(allowed)  # never printed
+    for bad in ("ftp://example.com", "example.com:8000", "http://"):
+        with pytest.raises(NotLoopbackError):
+            LoadSettings(url=bad, allow_remote=True)
