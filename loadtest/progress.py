@@ -1,5 +1,5 @@
-"""Live progress of a run on the terminal: one line redrawn in place (or a line every few seconds
-when the output is not a terminal, e.g. under ``make`` piped to a log)."""
+"""Live progress of a run on the terminal (tqdm: one line redrawn in place, or a line every few seconds
+when the output is not a terminal, e.g. under ``make`` piped to a log), with the recent latency."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import time
 from collections import deque
 from typing import TextIO
 
+from tqdm import tqdm
+
 from loadtest.stats import percentile
 
 
 class Progress:
-    """Counts what a run has done so far; ``render`` draws it, ``run_display`` redraws it periodically."""
+    """Counts what a run has done so far; ``run_display`` shows it, redrawn periodically."""
 
     def __init__(self, label: str, max_requests: int, max_duration_s: float, stream: TextIO | None = None):
         self.label = label
@@ -32,39 +34,41 @@ class Progress:
         else:
             self.num_errors += 1
 
-    def render(self) -> str:
-        elapsed_s = time.perf_counter() - self.started_at
-        rate = self.num_done / elapsed_s if elapsed_s > 0 else 0.0
+    def postfix(self) -> str:
+        """Latency of the recent answers and the errors so far."""
         recent = list(self._recent_latencies_s)
         p50 = f"{percentile(recent, 50) * 1000:.1f}" if recent else "-"
         p99 = f"{percentile(recent, 99) * 1000:.1f}" if recent else "-"
+        elapsed_s = time.perf_counter() - self.started_at
         return (
-            f"[{self.label}] {self.num_done}/{self.max_requests} req  {rate:7.1f} req/s  "
-            f"p50 {p50} ms  p99 {p99} ms  errors {self.num_errors}  "
-            f"{elapsed_s:5.1f}/{self.max_duration_s:g} s"
+            f"p50 {p50} ms, p99 {p99} ms, errors {self.num_errors}, {elapsed_s:.0f}/{self.max_duration_s:g} s"
         )
 
     async def run_display(self, interval_s: float = 0.5) -> None:
-        """Redraw until cancelled."""
+        """Redraw (tqdm: in place on a terminal, a line every few seconds otherwise) until cancelled."""
         if self.stream is None:
             return
-        is_tty = self.stream.isatty()
-        every_s = interval_s if is_tty else 5.0
+        every_s = interval_s if self.stream.isatty() else 5.0
+        bar = tqdm(
+            total=self.max_requests,
+            desc=self.label,
+            unit="req",
+            file=self.stream,
+            mininterval=every_s,
+            dynamic_ncols=True,
+        )
         try:
             while True:
                 await asyncio.sleep(every_s)
-                self._write(is_tty)
+                self._update(bar)
         finally:
-            self._write(is_tty)
-            if is_tty:
-                self.stream.write("\n")
-            self.stream.flush()
+            self._update(bar)
+            bar.close()
 
-    def _write(self, is_tty: bool) -> None:
-        assert self.stream is not None
-        line = self.render()
-        self.stream.write(f"\r{line}\033[K" if is_tty else line + "\n")
-        self.stream.flush()
+    def _update(self, bar: tqdm) -> None:
+        bar.n = self.num_done
+        bar.set_postfix_str(self.postfix(), refresh=False)
+        bar.refresh()
 
 
 def stderr_progress(label: str, max_requests: int, max_duration_s: float, quiet: bool) -> Progress:
