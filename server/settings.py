@@ -8,9 +8,9 @@ Optional settings take ``none`` to mean "not set".
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,9 +28,22 @@ DEFAULT_OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2
 
 
 class Settings(BaseSettings):
-    """Everything the server can be told. Build it explicitly (tests) or with :func:`load_settings`."""
+    """Serve an early-exit classifier over HTTP. Each flag is also an env var, EXITSERVE_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # (The docstring above is the command line's --help text. In code: build Settings explicitly, as the
+    # tests do, or with load_settings for the command line.)
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        # The command line (load_settings): --max-batch-size, values always given (--auto-adjust true,
+        # --max-queue-wait-ms none), as documented; parsed only when load_settings asks for it.
+        cli_prog_name="python -m server",
+        cli_kebab_case=True,
+        cli_implicit_flags=False,
+        cli_exit_on_error=True,
+    )
 
     # --- model --------------------------------------------------------------------------------------
     store: Path = Field(default=Path("store"), description="model store directory")
@@ -259,28 +272,6 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
-    """An argument parser with one flag per setting; ``--help`` lists each with its env var and default."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Serve an early-exit classifier over HTTP. Every flag is also an environment variable; "
-        "a flag overrides its variable.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    for name, info in Settings.model_fields.items():
-        default = info.get_default(call_default_factory=True)
-        if isinstance(default, list):
-            default = ",".join(default) or "(empty)"
-        elif isinstance(default, BatchingMode):
-            default = default.value
-        help_text = f"{info.description} [env {ENV_PREFIX}{name.upper()}; default: {default}]"
-        # SUPPRESS: a flag not given leaves the setting to the env var or the default.
-        parser.add_argument(
-            flag_name(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
-        )
-    return parser
-
-
 def available_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container
     limited to 2 CPUs on a 64-core node has 2, not 64)."""
@@ -295,14 +286,30 @@ def available_cores() -> int:
 
 
 def load_settings(argv: Sequence[str] | None = None) -> Settings:
-    """Settings from env vars overridden by flags in ``argv``. Exits with status 2 on invalid input."""
-    parser = build_parser()
-    flags = vars(parser.parse_args(argv))
+    """Settings from env vars overridden by flags in ``argv`` (pydantic-settings' CLI: one kebab-case flag
+    per setting, ``--help`` lists each with its env var and default). Exits with status 2 on invalid
+    input, naming both the flag and the variable."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return Settings(**flags)
+        return Settings(_cli_parse_args=args)  # type: ignore[call-arg]
     except ValidationError as e:
         problems = []
         for error in e.errors():
             name = str(error["loc"][0]) if error["loc"] else "settings"
             problems.append(f"{flag_name(name)} / {ENV_PREFIX}{name.upper()}: {error['msg']}")
-        parser.error("; ".join(problems))
+        print(f"usage: {CLI_PROG} [-h] [options]\n{CLI_PROG}: error: {'; '.join(problems)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+CLI_PROG = "python -m server"
+
+
+def _document_env_vars() -> None:
+    """``--help`` names each setting's environment variable beside its flag (pydantic-settings' CLI prints
+    the description and the default)."""
+    for name, info in Settings.model_fields.items():
+        info.description = f"{info.description} [env {ENV_PREFIX}{name.upper()}]"
+    Settings.model_rebuild(force=True)
+
+
+_document_env_vars()
