@@ -37,7 +37,8 @@ def _metrics(server: ServerProcess) -> str:
 
 def _served_by(server: ServerProcess, route: str) -> set[str]:
     """Which front ends logged an answer on ``route`` (the log tags each line with its process)."""
-    return set(re.findall(rf"\[(front end \d+)\] exitserve\.access: \S+ {re.escape(route)} ", server.log()))
+    pattern = rf"\[(front end \d+)\] exitserve\.access \[[^\]]+\]: \S+ {re.escape(route)} "  # [request id]
+    return set(re.findall(pattern, server.log()))
 
 
 @pytest.fixture(scope="module")
