@@ -297,7 +297,7 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
         for error in e.errors():
             name = str(error["loc"][0]) if error["loc"] else "settings"
             problems.append(f"{flag_name(name)} / {ENV_PREFIX}{name.upper()}: {error['msg']}")
-        print(f"usage: {CLI_PROG} [-h] [options]\n{CLI_PROG}: error: {'; '.join(problems)}", file=sys.stderr)
+        sys.stderr.write(f"usage: {CLI_PROG} [-h] [options]\n{CLI_PROG}: error: {'; '.join(problems)}\n")
         raise SystemExit(2) from None
 
 
