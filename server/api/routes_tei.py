@@ -113,15 +113,12 @@ def _reply(body: Any, result: ClassifyResult) -> Response:
     return Response(json.dumps(body), media_type="application/json", headers=timing_headers(result))
 
 
-def _knobs(body: RequestOptions) -> RequestOptions:
-    return RequestOptions.model_validate(body.model_dump(include=set(RequestOptions.model_fields)))
-
-
 @router.post("/predict", summary="Classify (TEI's /predict)")
 async def predict(body: PredictRequest, request: Request, state: StateDep) -> Response:
     """Every label's probability per input, most probable first (TEI's request and reply)."""
     texts = _texts(body.inputs)
-    result, labels = await _classify(state, request, texts, _knobs(body), refuse_truncated=not body.truncate)
+    # A PredictRequest is RequestOptions plus TEI's fields: build_options reads only the options.
+    result, labels = await _classify(state, request, texts, body, refuse_truncated=not body.truncate)
     ranked = _ranked(result, labels, None, body.return_exit_layer)
     return _reply(ranked[0] if isinstance(body.inputs, str) else ranked, result)
 

@@ -143,7 +143,7 @@ def degrade_plan(
         step = (len(frontier) - 1) / (MAX_DEGRADE_LEVELS - 1)
         frontier = [frontier[round(i * step)] for i in range(MAX_DEGRADE_LEVELS)]
     plan = DegradePlan(
-        drop_pts=own_drop * 1.0,
+        drop_pts=own_drop,
         levels=tuple(
             DegradeLevel(
                 criterion_code=CRITERION_CODES[p.criterion],
