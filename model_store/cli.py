@@ -97,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     recal.add_argument(
         "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
     )
+    quant = sub.add_parser(
+        "quantize",
+        help="save a float32 version as a new int8 version (CPU), calibrated on the dev split with its "
+        "int8 encoder and evaluated on the test split",
+    )
+    quant.add_argument("name")
+    quant.add_argument("--version", default=None, help="source version (default: the latest)")
+    quant.add_argument("--store", type=Path, default=Path("store"))
+    quant.add_argument(
+        "--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv with text,label"
+    )
+    quant.add_argument(
+        "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
+    )
     trust = sub.add_parser(
         "trust", help="the trust figure (stated on dev) against the agreement observed on the test split"
     )
@@ -244,6 +258,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"recalibrated {args.name}: saved {path}")
         print(json.dumps(read_manifest_summary(path), indent=2))
         return 0
+    if args.command == "quantize":
+        from model_store.training.pipeline import quantize_version
+
+        path = quantize_version(args.store, args.name, args.version, args.data, args.data_dir)
+        print(f"quantized {args.name}: saved {path} (int8 encoder Linear layers, CPU)")
+        print(json.dumps(read_manifest_summary(path), indent=2))
+        return 0
     raise AssertionError(args.command)
 
 
@@ -257,4 +278,5 @@ def read_manifest_summary(path: Path) -> dict[str, object]:
         "default_criterion": str(manifest.default_criterion),
         "default_speed": manifest.default_speed,
         "num_calibration_points": len(manifest.calibration.points) if manifest.calibration else 0,
+        "quantization": manifest.quantization,
     }

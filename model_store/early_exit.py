@@ -96,9 +96,26 @@ class EarlyExitClassifier(nn.Module):
         layer_mask = self.adapter.build_attention_mask(hidden, attention_mask)
         return self.adapter.run_layer(layer - 1, hidden, layer_mask)
 
+    def layer_mask(
+        self, attention_mask: torch.Tensor, dtype: torch.dtype, padded: bool = True
+    ) -> torch.Tensor | None:
+        """The mask every layer of a batch takes, built once for the batch (see ``EncoderAdapter``)."""
+        return self.adapter.layer_mask(attention_mask, dtype, padded)
+
+    def run_layer_masked(
+        self, layer: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``run_layer`` with the batch's prebuilt ``layer_mask`` (the serving path: no mask per step)."""
+        return self.adapter.run_layer(layer - 1, hidden, layer_mask)
+
     def ramp_logits(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits of the ramp after layer ``layer`` (1-based): (rows, seq, hidden) -> (rows, labels)."""
-        logits: torch.Tensor = self.ramps[layer - 1](hidden, attention_mask)
+        """Logits of the ramp after layer ``layer`` (1-based): (rows, seq, hidden) -> (rows, labels).
+
+        The ramp runs in its own dtype: with a half-precision encoder the ramps stay float32, so the
+        pooled mean and the confidence that decides an exit keep full precision."""
+        ramp: OffRamp = self.ramps[layer - 1]  # type: ignore[assignment]
+        dtype = ramp.out.weight.dtype
+        logits: torch.Tensor = ramp(hidden if hidden.dtype == dtype else hidden.to(dtype), attention_mask)
         return logits
 
     def all_ramp_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:

@@ -56,6 +56,26 @@ class EncoderAdapter(ABC):
         )
         return mask  # a tensor or None for the eager/sdpa kernels we configure (never a flex BlockMask)
 
+    def layer_mask(
+        self, attention_mask: torch.Tensor, dtype: torch.dtype, padded: bool = True
+    ) -> torch.Tensor | None:
+        """The per-layer mask for a 2-D ``(rows, seq)`` mask, built with tensor ops only (no host sync).
+
+        ``padded=False`` (the caller knows from its host-side row lengths that no row has padding) gives
+        None, as the library does for an all-ones mask, without the ``mask.all()`` it evaluates on the
+        device to find that out (a hidden device sync on a GPU, once per layer step). Otherwise the mask
+        is ``(rows, 1, 1, seq)``, broadcast over heads and queries: boolean (True = attend) for the sdpa
+        and flash kernels, additive in ``dtype`` for eager attention, equal to what
+        ``create_bidirectional_mask`` builds (``tests/model_store/test_parity.py``).
+        """
+        if not padded:
+            return None
+        keep = attention_mask[:, None, None, :].to(torch.bool)
+        if self.encoder.config._attn_implementation == "eager":
+            zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+            return torch.where(keep, zero, torch.finfo(dtype).min)
+        return keep
+
     @abstractmethod
     def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
         """Run layer ``index`` (0-based position in the layer list) on ``hidden``."""

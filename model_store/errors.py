@@ -17,6 +17,10 @@ class UnsupportedArchitectureError(ModelStoreError):
     """The encoder's ``model_type`` has no layer adapter."""
 
 
+class UnsupportedDeviceError(ModelStoreError):
+    """The version cannot run on the device or dtype asked for (an int8 version on a GPU)."""
+
+
 class StoreFileError(ModelStoreError):
     """A problem with one file of a model version; ``path`` names it."""
 

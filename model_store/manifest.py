@@ -186,6 +186,11 @@ class Manifest(BaseModel):
     default_criterion: Criterion = Criterion.NORMALIZED_ENTROPY
     default_speed: float = Field(default=0.0, ge=0.0, le=1.0)
     calibration: CalibrationTable | None = None
+    quantization: Literal["none", "int8_dynamic"] = Field(
+        default="none",
+        description="int8_dynamic: the encoder's Linear layers are served as dynamic int8 (CPU), derived "
+        "at load from the float32 weights stored here; the calibration was measured on them",
+    )
     provenance: Provenance = Field(default_factory=Provenance)
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex digest")
 

@@ -22,6 +22,7 @@ from model_store.errors import (
     MissingFileError,
     ModelNotFoundError,
     PickleRefusedError,
+    UnsupportedDeviceError,
 )
 from model_store.layout import StoreLayout, read_manifest
 from model_store.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest
@@ -138,7 +139,17 @@ def load_version_dir(
             f"weights do not fit the manifest's model: {len(missing)} missing (e.g. {missing[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
         )
+    int8 = manifest.quantization == "int8_dynamic"
+    if int8 and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        raise UnsupportedDeviceError(
+            f"{path} is an int8 version (quantization int8_dynamic): it runs on cpu in float32; "
+            "serve its float32 source version on a GPU"
+        )
     model.to(device=device, dtype=dtype).eval()
+    if int8:
+        from model_store.quantize import quantize_encoder
+
+        quantize_encoder(model)
 
     return LoadedModel(manifest=manifest, model=model, tokenizer=load_tokenizer(path), path=path)
 

@@ -45,8 +45,7 @@ def load_model(settings: Settings) -> LoadedModel | None:
             settings.model,
             settings.model_version,
             device=settings.device,
-            dtype=getattr(torch, settings.dtype),
-        )
+        )  # float32: the runner casts the encoder to --dtype and keeps the ramps float32
     except ModelStoreError as e:
         logger.error("cannot load the model: %s", e)
         logger.error(

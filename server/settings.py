@@ -60,7 +60,14 @@ class Settings(BaseSettings):
         default="cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="torch device: cpu, cuda, cuda:N"
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        default="float32", description="weights dtype (half precisions on CUDA only)"
+        default="float32",
+        description="encoder weights dtype (half precisions on CUDA only; ramps and exit decisions stay "
+        "float32)",
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="on CUDA, capture each layer step for row buckets up to max-batch-size and token "
+        "buckets up to the model's max_seq_length at start-up, and replay them (ignored on CPU)",
     )
 
     # --- HTTP ---------------------------------------------------------------------------------------
@@ -245,6 +252,7 @@ class Settings(BaseSettings):
             max_inflight_rows=self.max_inflight_rows,
             device=self.device,
             dtype=self.dtype,
+            cuda_graphs=self.cuda_graphs,
             strict_length=self.strict_length,
             step_timeout_s=self.step_timeout_s,
             guard_sample_fraction=self.guard_sample_fraction,

@@ -53,7 +53,14 @@ RunnerFactory = Callable[[LoadedModel, EngineConfig], Runner]
 
 
 def default_runner(loaded: LoadedModel, config: EngineConfig) -> Runner:
-    return Runner(loaded.model, device=config.device, dtype=config.dtype)
+    return Runner(
+        loaded.model,
+        device=config.device,
+        dtype=config.dtype,
+        cuda_graphs=config.cuda_graphs,
+        max_batch_size=config.max_batch_size,
+        max_seq_length=loaded.manifest.max_seq_length,
+    )
 
 
 @dataclass

@@ -1,22 +1,39 @@
 """The runner computes what the scheduler planned: one layer, its ramp and the exit decision per row.
 
 It keeps each cohort's hidden states on the device between steps, merges cohorts (re-padding to the
-longest row), removes exited rows by index and trims padding no remaining row needs. Per step there is
-exactly one device-to-host transfer: the packed exit mask and probabilities of that step (the replies of
-the rows that exited must go out, so this one is unavoidable). Row lengths are tracked on the host, so
-trimming never synchronises.
+longest row), removes exited rows by index and trims padding no remaining row needs. Row lengths are
+tracked on the host, so trimming, and knowing whether a cohort has padding at all, never synchronises.
+
+On a GPU nothing in a step waits for the device except its one result transfer: the packed exit flags and
+probabilities (the replies of the rows that exited must go out, so this one is unavoidable), copied into
+pinned memory and waited for on an event. In particular:
+
+* the attention mask is built once per cohort with tensor ops (``EncoderAdapter.layer_mask``) and kept
+  and trimmed with the cohort's tensors, instead of the library's per-layer builder, whose all-ones
+  check is a ``mask.all()`` evaluated on the device (one hidden sync per layer step);
+* a cohort in which no row exited keeps its tensors as they are (no copy);
+* a step's new rows (token ids, lengths, exit policy) travel in one pinned buffer, one non-blocking copy;
+  the index tensors that select survivors are pinned and copied non-blocking too.
+
+Half precision (``dtype``) applies to the encoder; the ramps and the exit decision stay float32. On CUDA,
+layer steps up to ``max_batch_size`` rows replay captured graphs (``server/engine/graphs.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from model_store.criteria import PatienceState, decide_exits
+from model_store.criteria import PatienceState
 from model_store.early_exit import EarlyExitClassifier
+from server.engine.graphs import CaptureReport, CudaGraphBackend, GraphBackend, GraphedSteps
 from server.engine.scheduler import RowExit, RowSpec, StepOutput, StepPlan
+from server.engine.step_kernel import StepTensors, compute_step
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,20 +46,25 @@ class _CohortTensors:
     lengths: list[int]  # real tokens per row (host copy)
     hidden: torch.Tensor  # (rows, seq, hidden)
     mask: torch.Tensor  # (rows, seq) long
+    layer_mask: torch.Tensor | None  # what every layer takes; None when no row has padding
     criterion_codes: torch.Tensor
     thresholds: torch.Tensor
     max_layers: torch.Tensor
     patience: PatienceState
 
-    def select(self, positions: list[int]) -> _CohortTensors:
-        device = self.hidden.device
-        index = torch.tensor(positions, dtype=torch.long, device=device)
-        longest = max(self.lengths[p] for p in positions)
+    def select(self, positions: list[int], index: torch.Tensor) -> _CohortTensors:
+        """The rows at ``positions`` (``index`` holds them on the device), padding trimmed."""
+        lengths = [self.lengths[p] for p in positions]
+        longest = max(lengths)
+        layer_mask = None
+        if self.layer_mask is not None and min(lengths) < longest:
+            layer_mask = self.layer_mask.index_select(0, index)[..., :longest]
         return _CohortTensors(
             row_ids=[self.row_ids[p] for p in positions],
-            lengths=[self.lengths[p] for p in positions],
+            lengths=lengths,
             hidden=self.hidden.index_select(0, index)[:, :longest],
             mask=self.mask.index_select(0, index)[:, :longest],
+            layer_mask=layer_mask,
             criterion_codes=self.criterion_codes.index_select(0, index),
             thresholds=self.thresholds.index_select(0, index),
             max_layers=self.max_layers.index_select(0, index),
@@ -50,15 +72,18 @@ class _CohortTensors:
         )
 
     @staticmethod
-    def concat(parts: list[_CohortTensors]) -> _CohortTensors:
+    def concat(parts: list[_CohortTensors], model: EarlyExitClassifier) -> _CohortTensors:
         if len(parts) == 1:
             return parts[0]
         longest = max(p.hidden.shape[1] for p in parts)
+        lengths = [n for p in parts for n in p.lengths]
+        mask = torch.cat([F.pad(p.mask, (0, longest - p.mask.shape[1])) for p in parts])
         return _CohortTensors(
             row_ids=[r for p in parts for r in p.row_ids],
-            lengths=[n for p in parts for n in p.lengths],
+            lengths=lengths,
             hidden=torch.cat([F.pad(p.hidden, (0, 0, 0, longest - p.hidden.shape[1])) for p in parts]),
-            mask=torch.cat([F.pad(p.mask, (0, longest - p.mask.shape[1])) for p in parts]),
+            mask=mask,
+            layer_mask=model.layer_mask(mask, parts[0].hidden.dtype, padded=min(lengths) < longest),
             criterion_codes=torch.cat([p.criterion_codes for p in parts]),
             thresholds=torch.cat([p.thresholds for p in parts]),
             max_layers=torch.cat([p.max_layers for p in parts]),
@@ -67,17 +92,50 @@ class _CohortTensors:
 
 
 class Runner:
-    """Executes ``StepPlan``s on one model and device. Used by one worker thread only."""
+    """Executes ``StepPlan``s on one model and device. Used by one worker thread only.
 
-    def __init__(self, model: EarlyExitClassifier, device: str = "cpu", dtype: str = "float32") -> None:
+    ``cuda_graphs``: on a CUDA device, capture the layer steps up to ``max_batch_size`` rows and
+    ``max_seq_length`` tokens at construction (``capture_report`` says how many, how long, how much
+    memory). ``graph_backend`` replaces the CUDA backend (tests drive the graph path on CPU with it).
+    """
+
+    def __init__(
+        self,
+        model: EarlyExitClassifier,
+        device: str = "cpu",
+        dtype: str = "float32",
+        *,
+        cuda_graphs: bool = False,
+        max_batch_size: int = 64,
+        max_seq_length: int | None = None,
+        graph_backend: GraphBackend | None = None,
+    ) -> None:
         if dtype != "float32" and not device.startswith("cuda"):
             raise ValueError(f"dtype {dtype} needs a CUDA device; on {device} use float32")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        model = model.to(device=self.device).eval()
+        model.ramps.float()  # the ramps stay float32 (exit decisions at full precision)
+        if self.dtype != torch.float32:
+            model.encoder.to(self.dtype)  # type: ignore[arg-type]
+        self.model = model
         self.num_layers = model.num_layers
         self.pad_token_id = int(getattr(model.encoder.config, "pad_token_id", 0) or 0)
+        self._cuda = self.device.type == "cuda"
         self._cohorts: dict[int, _CohortTensors] = {}
+        self.num_result_transfers = 0  # device-to-host transfers made (one per step that computed)
+        self.graphs: GraphedSteps | None = None
+        self.capture_report: CaptureReport | None = None
+        if graph_backend is not None or (cuda_graphs and self._cuda):
+            seq = max_seq_length or int(getattr(model.encoder.config, "max_position_embeddings", 512))
+            backend = graph_backend if graph_backend is not None else CudaGraphBackend(self.device)
+            self.graphs = GraphedSteps(model, max_batch_size, seq, self.dtype, self.device, backend)
+            self.capture_report = self.graphs.capture_all()
+            r = self.capture_report
+            logger.info(
+                "captured %d layer-step graphs (rows %s, tokens %s) in %.1f s, %.1f MiB",
+                r.num_graphs, r.row_buckets, r.seq_buckets, r.seconds, r.memory_bytes / 2**20,
+            )  # fmt: skip
 
     @property
     def num_cohorts(self) -> int:
@@ -99,21 +157,15 @@ class Runner:
             parts.append(self._take(cohort_id, row_ids))
         if not parts:
             return StepOutput(exited=(), survivors=())
-        batch = _CohortTensors.concat(parts)
+        batch = _CohortTensors.concat(parts, self.model)
 
-        hidden = self.model.run_layer(plan.layer, batch.hidden, batch.mask)
-        logits = self.model.ramp_logits(plan.layer, hidden, batch.mask)
-        exits, patience = decide_exits(logits, batch.criterion_codes, batch.thresholds, batch.patience)
-        exits = exits | (batch.max_layers <= plan.layer)
-        if plan.layer >= self.num_layers:
-            exits = torch.ones_like(exits)
-        probs = torch.softmax(logits.float(), dim=-1)
-        packed = torch.cat([exits.to(probs.dtype).unsqueeze(1), probs], dim=1).cpu()  # the one sync
+        step = self._compute(plan.layer, batch)
+        rows = self._fetch(step.packed)
 
         exited: list[RowExit] = []
         keep: list[int] = []
         kept_probs: list[tuple[float, ...]] = []
-        for position, row in enumerate(packed.tolist()):
+        for position, row in enumerate(rows):
             if row[0] > 0.5:
                 row_probs = tuple(row[1:])
                 label_index = max(range(len(row_probs)), key=row_probs.__getitem__)
@@ -123,8 +175,9 @@ class Runner:
                 if plan.keep_probs:
                     kept_probs.append(tuple(row[1:]))
         if keep:
-            batch.hidden, batch.patience = hidden, patience
-            self._cohorts[plan.out_cohort_id] = batch.select(keep)
+            batch.hidden, batch.patience = step.hidden, step.patience
+            # Nobody left: the cohort goes on as it is, no copy.
+            self._cohorts[plan.out_cohort_id] = batch if len(keep) == len(rows) else self._select(batch, keep)
         return StepOutput(
             exited=tuple(exited),
             survivors=tuple(batch.row_ids[p] for p in keep),
@@ -134,23 +187,71 @@ class Runner:
 
     # --- helpers ----------------------------------------------------------------------------------
 
+    def _compute(self, layer: int, batch: _CohortTensors) -> StepTensors:
+        if self.graphs is not None:
+            replayed = self.graphs.run(
+                layer, batch.hidden, batch.mask, batch.criterion_codes, batch.thresholds, batch.max_layers,
+                batch.patience,
+            )  # fmt: skip
+            if replayed is not None:
+                return replayed
+        return compute_step(
+            self.model, layer, batch.hidden, batch.layer_mask, batch.mask, batch.criterion_codes,
+            batch.thresholds, batch.max_layers, batch.patience,
+        )  # fmt: skip
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device: pinned and copied without blocking on CUDA, as is on CPU."""
+        if not self._cuda:
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _fetch(self, packed: torch.Tensor) -> list[list[float]]:
+        """The step's one device-to-host transfer: into pinned memory, then wait on an event."""
+        self.num_result_transfers += 1
+        if not self._cuda:
+            rows: list[list[float]] = packed.tolist()
+            return rows
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        rows = host.tolist()
+        return rows
+
+    def _select(self, cohort: _CohortTensors, positions: list[int]) -> _CohortTensors:
+        return cohort.select(positions, self._to_device(torch.tensor(positions, dtype=torch.long)))
+
     def _embed(self, rows: list[RowSpec]) -> _CohortTensors:
-        """The step's new rows as tensors: each built by one call from Python lists, not row by row."""
+        """The step's new rows as tensors. Token ids, lengths and exit policy travel in one buffer
+        (thresholds as the bits of a float64), built by one call from Python lists: one copy to the
+        device."""
         lengths = [r.num_tokens for r in rows]
         longest = max(lengths)
         pad = (self.pad_token_id,)
-        ids = torch.tensor([r.token_ids + pad * (longest - n) for r, n in zip(rows, lengths, strict=True)])
-        mask = (torch.arange(longest) < torch.tensor(lengths).unsqueeze(1)).long()
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        host = torch.tensor(
+            [
+                r.token_ids + pad * (longest - n) + (n, r.criterion_code, r.max_layers, 0)
+                for r, n in zip(rows, lengths, strict=True)
+            ],
+            dtype=torch.long,
+        )
+        host[:, longest + 3] = torch.tensor([r.threshold for r in rows], dtype=torch.float64).view(torch.long)
+        packed = self._to_device(host)
+        ids = packed[:, :longest]
         device = self.device
+        mask = (torch.arange(longest, device=device) < packed[:, longest : longest + 1]).long()
+        hidden = self.model.embed(ids, mask)
         return _CohortTensors(
             row_ids=[r.row_id for r in rows],
             lengths=lengths,
-            hidden=self.model.embed(ids, mask),
+            hidden=hidden,
             mask=mask,
-            criterion_codes=torch.tensor([r.criterion_code for r in rows], dtype=torch.long, device=device),
-            thresholds=torch.tensor([r.threshold for r in rows], dtype=torch.float32, device=device),
-            max_layers=torch.tensor([r.max_layers for r in rows], dtype=torch.long, device=device),
+            layer_mask=self.model.layer_mask(mask, hidden.dtype, padded=min(lengths) < longest),
+            criterion_codes=packed[:, longest + 1],
+            thresholds=packed[:, longest + 3].view(torch.float64).to(torch.float32),
+            max_layers=packed[:, longest + 2],
             patience=PatienceState.initial(len(rows), device=device),
         )
 
@@ -164,10 +265,10 @@ class Runner:
         taken = [p for p, r in enumerate(cohort.row_ids) if r in wanted]
         rest = [p for p, r in enumerate(cohort.row_ids) if r not in wanted]
         if rest:
-            self._cohorts[cohort_id] = cohort.select(rest)
+            self._cohorts[cohort_id] = self._select(cohort, rest)
         else:
             del self._cohorts[cohort_id]
-        return cohort.select(taken)
+        return self._select(cohort, taken)
 
     def _remove(self, cohort_id: int, row_ids: set[int]) -> None:
         cohort = self._cohorts.get(cohort_id)
@@ -175,6 +276,6 @@ class Runner:
             return
         rest = [p for p, r in enumerate(cohort.row_ids) if r not in row_ids]
         if rest:
-            self._cohorts[cohort_id] = cohort.select(rest)
+            self._cohorts[cohort_id] = self._select(cohort, rest)
         else:
             del self._cohorts[cohort_id]

@@ -37,6 +37,7 @@ class EngineConfig:
     max_inflight_rows: int | None = None  # refill: rows holding hidden states; None = max_batch_size
     device: str = "cpu"
     dtype: str = "float32"  # float32 | float16 | bfloat16 (half precisions on CUDA only)
+    cuda_graphs: bool = True  # on CUDA: replay captured layer steps up to max_batch_size rows
     strict_length: bool = False  # True: inputs longer than max_seq_length are refused (413), else truncated
     step_timeout_s: float = 30.0  # a layer step running longer than this means the engine hung
     watchdog_interval_s: float = 0.5
