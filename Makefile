@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install tools serve test lint typecheck unit bench ceiling beyond clean
+.PHONY: install tools serve test lint typecheck unit bench ceiling beyond int8 clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ ceiling: tools
 beyond: install
 	$(PY) -m model_store ensure-default --store $(STORE)
 	$(PY) -m loadtest beyond --store $(STORE) --out-dir bench-out
+
+# int8 + early exit vs float32 + early exit through HTTP (~5 min): quantizes the default model once into
+# bench-out/store-int8, then writes its tables into BENCHMARKS.md.
+int8: install
+	$(PY) -m model_store ensure-default --store $(STORE)
+	$(PY) -m loadtest int8 --store $(STORE) --out-dir bench-out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -144,6 +144,30 @@ def cmd_overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_int8(args: argparse.Namespace) -> int:
+    from loadtest.int8 import Int8Options, markdown_tables, run_int8, update_markdown
+
+    signal.signal(signal.SIGTERM, _interrupt)  # the server it started is stopped
+    options = Int8Options(
+        store=Path(args.store),
+        model=args.model,
+        version=args.version,
+        out_dir=Path(args.out_dir),
+        allowed_drop_pts=args.allowed_drop,
+        num_rounds=args.rounds,
+        duration_s=args.duration_s,
+        concurrency=args.concurrency,
+        limit=args.limit,
+        quick=args.quick,
+    )
+    document = run_int8(options)
+    print(markdown_tables(document))
+    if not args.no_markdown and not args.quick:
+        update_markdown(document, Path("BENCHMARKS.md"))
+    print(f"-> {options.out_dir / 'int8.json'}")
+    return 0
+
+
 def cmd_beyond(args: argparse.Namespace) -> int:
     from loadtest.beyond import BeyondOptions, markdown_tables, run_beyond, update_markdown
 
@@ -301,6 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     beyond.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
     beyond.set_defaults(func=cmd_beyond)
+
+    int8 = sub.add_parser(
+        "int8", help="int8 + early exit vs float32 + early exit through HTTP, one run (BENCHMARKS.md)"
+    )
+    int8.add_argument("--store", default="store")
+    int8.add_argument("--model", default="spam-minilm")
+    int8.add_argument("--version", default=None, help="float32 source version (default: latest float32)")
+    int8.add_argument("--out-dir", default="bench-out")
+    int8.add_argument("--allowed-drop", type=float, default=0.5, help="points below float32 full depth")
+    int8.add_argument("--rounds", type=int, default=2, help="float32/int8 pairs, run alternately")
+    int8.add_argument("--duration-s", type=float, default=30.0, help="seconds per run")
+    int8.add_argument("--concurrency", type=int, default=64)
+    int8.add_argument("--limit", type=int, default=None, help="use at most this many test emails")
+    int8.add_argument("--quick", action="store_true", help="5 s runs, one round (a pipeline check)")
+    int8.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
+    int8.set_defaults(func=cmd_int8)
 
     conns = sub.add_parser(
         "connections", help="normal requests while idle, slow and flooding clients attack (RELIABILITY.md)"

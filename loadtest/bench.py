@@ -75,6 +75,7 @@ class Bench:
         *,
         mode: str = "closed",
         speeds: Sequence[float | None] = (None,),
+        criterion: str | None = None,
         rate_per_s: float | None = None,
         concurrency: int | None = None,
         max_requests: int | None = None,
@@ -98,6 +99,7 @@ class Bench:
             max_requests=max_requests,
             max_duration_s=max_duration_s,
             speeds=tuple(speeds),
+            criterion=criterion,
             seed=o.seed,
             num_warmup_requests=o.num_warmup_requests,
         )
