@@ -373,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     ceiling.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
     ceiling.set_defaults(func=cmd_ceiling)
 
+    sub.add_parser(
+        "gpu-efficiency",
+        help="engine efficiency on a GPU: early exit vs the ideal speed-up, eager and CUDA graphs, fp16 and "
+        "bf16 (no HTTP stack; see loadtest/gpu_efficiency.py, --help there)",
+        add_help=False,
+    )
     report = sub.add_parser("report", help="re-draw plots and BENCHMARKS.md from a bench output dir")
     report.add_argument("--out-dir", default="bench-out")
     report.set_defaults(func=cmd_report)
@@ -380,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu-efficiency"]:
+        # Its own parser, and none of this module's HTTP imports matter there: the device machine has
+        # no fastapi; ``python -m loadtest.gpu_efficiency`` is the same command.
+        from loadtest.gpu_efficiency import main as gpu_efficiency
+
+        return gpu_efficiency(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -154,13 +154,14 @@ class GraphedSteps:
         dtype: torch.dtype,
         device: torch.device,
         backend: GraphBackend,
+        seq_bucket_sizes: tuple[int, ...] | None = None,
     ) -> None:
         self.model = model
         self.dtype = dtype
         self.device = device
         self.backend = backend
         self.row_buckets = row_buckets(max_rows)
-        self.seq_buckets = seq_buckets(max_seq_length)
+        self.seq_buckets = seq_bucket_sizes or seq_buckets(max_seq_length)
         self._static: dict[tuple[int, int], _Static] = {}
         self._replays: dict[tuple[int, int, int], Callable[[], None]] = {}
         self.num_replays = 0

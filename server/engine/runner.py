@@ -96,7 +96,8 @@ class Runner:
 
     ``cuda_graphs``: on a CUDA device, capture the layer steps up to ``max_batch_size`` rows and
     ``max_seq_length`` tokens at construction (``capture_report`` says how many, how long, how much
-    memory). ``graph_backend`` replaces the CUDA backend (tests drive the graph path on CPU with it).
+    memory). ``graph_backend`` replaces the CUDA backend (tests drive the graph path on CPU with it);
+    ``graph_seq_buckets`` replaces the token buckets (a benchmark of fixed-length rows needs one).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class Runner:
         max_batch_size: int = 64,
         max_seq_length: int | None = None,
         graph_backend: GraphBackend | None = None,
+        graph_seq_buckets: tuple[int, ...] | None = None,
     ) -> None:
         if dtype != "float32" and not device.startswith("cuda"):
             raise ValueError(f"dtype {dtype} needs a CUDA device; on {device} use float32")
@@ -129,7 +131,9 @@ class Runner:
         if graph_backend is not None or (cuda_graphs and self._cuda):
             seq = max_seq_length or int(getattr(model.encoder.config, "max_position_embeddings", 512))
             backend = graph_backend if graph_backend is not None else CudaGraphBackend(self.device)
-            self.graphs = GraphedSteps(model, max_batch_size, seq, self.dtype, self.device, backend)
+            self.graphs = GraphedSteps(
+                model, max_batch_size, seq, self.dtype, self.device, backend, graph_seq_buckets
+            )
             self.capture_report = self.graphs.capture_all()
             r = self.capture_report
             logger.info(
