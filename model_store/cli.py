@@ -124,6 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
     )
     trust.add_argument("--plot", type=Path, default=None, help="write the reliability plot (PNG) here")
+
+    adopt = sub.add_parser(
+        "adopt",
+        help="a fine-tuned Hugging Face *ForSequenceClassification checkpoint as an early-exit model: its "
+        "own head is the final exit; ramps are trained by self-distillation on unlabelled texts",
+    )
+    adopt.add_argument("checkpoint", type=Path, help="checkpoint directory (save_pretrained + tokenizer)")
+    adopt.add_argument(
+        "--texts", type=Path, required=True,
+        help="a .txt (one text per line) or the text column of a .jsonl/.csv; labels, if every record "
+        "has one, are used only to report accuracy",
+    )  # fmt: skip
+    adopt.add_argument("--out", type=Path, required=True, help="model store directory")
+    adopt.add_argument("--name", default=None, help="model name (default: the checkpoint directory's name)")
+    adopt.add_argument(
+        "--max-seq-length", type=int, default=None,
+        help="default: the texts' 95th-percentile token length, rounded up to 8, within the encoder's limit",
+    )  # fmt: skip
+    adopt.add_argument("--text-field", default="text", help="text column of a .jsonl/.csv (default text)")
+    adopt.add_argument("--label-field", default="label", help="label column, if any (default label)")
+    adopt.add_argument(
+        "--ramp-epochs", type=float, default=DEFAULT_BUDGET.ramp_epochs,
+        help=f"epochs of ramp training over the train split (default {DEFAULT_BUDGET.ramp_epochs:g})",
+    )  # fmt: skip
+    adopt.add_argument("--seed", type=int, default=0)
+    adopt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    adopt.add_argument(
+        "--threads", type=int, default=NUM_THREADS, help=f"torch threads (default {NUM_THREADS})"
+    )
     return parser
 
 
@@ -219,6 +248,28 @@ def _run(args: argparse.Namespace) -> int:
         code = _train(_default_settings(args), args.threads)
         print(f"built {DEFAULT_MODEL} in {time.perf_counter() - started:.0f} s")
         return code
+    if args.command == "adopt":
+        import torch
+
+        from model_store.training.adopt import AdoptSettings, adopt, format_adopt_report
+
+        torch.set_num_threads(args.threads)
+        adopt_settings = AdoptSettings(
+            checkpoint=args.checkpoint,
+            texts=args.texts,
+            store=args.out,
+            name=args.name or args.checkpoint.resolve().name,
+            max_seq_length=args.max_seq_length,
+            text_field=args.text_field,
+            label_field=args.label_field,
+            budget=dataclasses.replace(DEFAULT_BUDGET, ramp_epochs=args.ramp_epochs),
+            seed=args.seed,
+            show_progress=not args.no_progress,
+        )
+        adopted = adopt(adopt_settings)
+        print(format_adopt_report(adopted))
+        print(json.dumps(read_manifest_summary(adopted.path), indent=2))
+        return 0
     store = ModelStore(args.store)
     if args.command == "list":
         models = store.list_models()

@@ -355,3 +355,60 @@ def load_data(spec: str, cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED) -> Dat
     if spec == "spamassassin":
         return load_spam_assassin(cache_dir, seed=seed)
     return load_user_data(Path(spec), seed=seed)
+
+
+def read_texts(
+    path: Path, text_field: str = "text", label_field: str = "label"
+) -> tuple[list[str], list[str] | None]:
+    """Texts for adopting a checkpoint: a ``.txt`` file (one text per line), or the ``text_field`` column
+    of a JSONL/CSV file. Labels come back only when every record has ``label_field`` (they are used to
+    report accuracy, never to train). Blank texts are skipped; duplicates are kept once."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    records: list[tuple[str, str | None]] = []
+    if suffix == ".txt":
+        with path.open(encoding="utf-8") as f:
+            records = [(line.strip(), None) for line in f if line.strip()]
+    elif suffix in (".jsonl", ".json", ".ndjson", ".csv"):
+        rows: list[tuple[int, dict]] = []
+        with path.open(encoding="utf-8", newline="") as f:
+            if suffix == ".csv":
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None or text_field not in reader.fieldnames:
+                    raise DataError(f"{path}:1: the header must name a {text_field!r} column")
+                rows = [(reader.line_num, dict(r)) for r in reader]
+            else:
+                for line_number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+                    if not isinstance(record, dict):
+                        raise DataError(f"{path}:{line_number}: expected an object with {text_field!r}")
+                    rows.append((line_number, record))
+        for line_number, record in rows:
+            text = record.get(text_field)
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{line_number}: {text_field!r} must be a string")
+            label = record.get(label_field)
+            if text.strip():
+                records.append(
+                    (text, None if label is None or str(label).strip() == "" else str(label).strip())
+                )
+    else:
+        raise DataError(f"{path}: unknown format {suffix!r}; use .txt, .jsonl or .csv")
+    seen: set[str] = set()
+    unique = []
+    for text, label in records:
+        if text not in seen:
+            seen.add(text)
+            unique.append((text, label))
+    if not unique:
+        raise DataError(f"{path}: no texts")
+    texts = [t for t, _ in unique]
+    labels = [lab for _, lab in unique]
+    return texts, (labels if all(lab is not None for lab in labels) else None)  # type: ignore[return-value]

@@ -8,6 +8,8 @@ number of encoder layers computed for that row. The ramp after the last layer is
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
@@ -50,26 +52,62 @@ class EarlyExitClassifier(nn.Module):
     The model holds weights only: thresholds, speeds and patience travel with each call.
     """
 
-    def __init__(self, encoder: PreTrainedModel, num_labels: int, ramp_hidden: int = DEFAULT_RAMP_HIDDEN):
+    def __init__(
+        self,
+        encoder: PreTrainedModel,
+        num_labels: int,
+        ramp_hidden: int = DEFAULT_RAMP_HIDDEN,
+        final_head: nn.Module | None = None,
+    ):
+        """``final_head``: the exit after the last layer, when it is not an ``OffRamp`` (an adopted
+        checkpoint's own classification head, ``model_store.heads``)."""
         super().__init__()
         self.encoder = encoder
         self.adapter: EncoderAdapter = adapter_for(encoder)
         self.num_labels = num_labels
         self.ramp_hidden = ramp_hidden
         hidden_size = encoder.config.hidden_size
-        self.ramps = nn.ModuleList(
-            [OffRamp(hidden_size, num_labels, ramp_hidden) for _ in range(self.adapter.num_layers)]
-        )
+        num_ramps = self.adapter.num_layers - (final_head is not None)
+        ramps: list[nn.Module] = [OffRamp(hidden_size, num_labels, ramp_hidden) for _ in range(num_ramps)]
+        if final_head is not None:
+            ramps.append(final_head)
+        self.ramps = nn.ModuleList(ramps)
+
+    @property
+    def has_checkpoint_head(self) -> bool:
+        """Whether the final exit is an adopted checkpoint's own head (not an ``OffRamp``)."""
+        return not isinstance(self.ramps[-1], OffRamp)
 
     # --- construction -------------------------------------------------------------------------------
 
     @classmethod
     def from_config(
-        cls, config: PretrainedConfig, num_labels: int, ramp_hidden: int = DEFAULT_RAMP_HIDDEN
+        cls,
+        config: PretrainedConfig,
+        num_labels: int,
+        ramp_hidden: int = DEFAULT_RAMP_HIDDEN,
+        checkpoint_head: bool = False,
     ) -> EarlyExitClassifier:
-        """Randomly initialised encoder of ``config`` (tests, or before loading a state dict)."""
-        encoder = AutoModel.from_config(config, add_pooling_layer=False)
-        return cls(encoder, num_labels, ramp_hidden)
+        """Randomly initialised encoder of ``config`` (tests, or before loading a state dict); with
+        ``checkpoint_head``, the final exit is the family's classification head (``model_store.heads``)."""
+        encoder = AutoModel.from_config(config, **_no_pooler(config))
+        head = None
+        if checkpoint_head:
+            from model_store.heads import head_for_config
+
+            head = head_for_config(config, num_labels)
+        return cls(encoder, num_labels, ramp_hidden, final_head=head)
+
+    @classmethod
+    def from_sequence_classifier(
+        cls, classifier: PreTrainedModel, ramp_hidden: int = DEFAULT_RAMP_HIDDEN
+    ) -> EarlyExitClassifier:
+        """A fine-tuned ``*ForSequenceClassification``: its encoder, new ramps after layers 1..L-1, and its
+        own head, unchanged, after the last layer (shares the classifier's modules)."""
+        from model_store.heads import split_classifier
+
+        encoder, head = split_classifier(classifier)
+        return cls(encoder, len(classifier.config.id2label or {}), ramp_hidden, final_head=head)
 
     @classmethod
     def from_pretrained_encoder(
@@ -78,7 +116,7 @@ class EarlyExitClassifier(nn.Module):
         """Pretrained encoder from a local directory (or a hub name when a hub is reachable)."""
         config = AutoConfig.from_pretrained(path_or_name)
         adapter_for_config_check(config)
-        encoder = AutoModel.from_pretrained(path_or_name, add_pooling_layer=False)
+        encoder = AutoModel.from_pretrained(path_or_name, **_no_pooler(config))
         return cls(encoder, num_labels, ramp_hidden)
 
     # --- the steps a server needs -------------------------------------------------------------------
@@ -113,8 +151,8 @@ class EarlyExitClassifier(nn.Module):
 
         The ramp runs in its own dtype: with a half-precision encoder the ramps stay float32, so the
         pooled mean and the confidence that decides an exit keep full precision."""
-        ramp: OffRamp = self.ramps[layer - 1]  # type: ignore[assignment]
-        dtype = ramp.out.weight.dtype
+        ramp = self.ramps[layer - 1]
+        dtype = next(iter(ramp.parameters())).dtype
         logits: torch.Tensor = ramp(hidden if hidden.dtype == dtype else hidden.to(dtype), attention_mask)
         return logits
 
@@ -126,6 +164,15 @@ class EarlyExitClassifier(nn.Module):
             hidden = self.run_layer(layer, hidden, attention_mask)
             logits.append(self.ramp_logits(layer, hidden, attention_mask))
         return logits
+
+
+def _no_pooler(config: PretrainedConfig) -> dict[str, bool]:
+    """``add_pooling_layer=False`` for the encoder classes that have a pooler (the ramps pool)."""
+    import inspect
+
+    model_class: Any = AutoModel._model_mapping[type(config)]
+    accepts = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+    return {"add_pooling_layer": False} if accepts else {}
 
 
 def adapter_for_config_check(config: PretrainedConfig) -> None:

@@ -24,11 +24,23 @@ from model_store.errors import UnsupportedArchitectureError
 # model_type values (config.json) whose layers share BERT's `layer(hidden, mask) -> hidden` signature.
 BERT_STYLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
 MPNET_MODEL_TYPES = frozenset({"mpnet"})
-SUPPORTED_MODEL_TYPES = BERT_STYLE_MODEL_TYPES | MPNET_MODEL_TYPES
+DISTILBERT_MODEL_TYPES = frozenset({"distilbert"})
+ALBERT_MODEL_TYPES = frozenset({"albert"})
+DEBERTA_V2_MODEL_TYPES = frozenset({"deberta-v2"})  # DeBERTa-v2 and -v3 (v3 checkpoints say deberta-v2)
+SUPPORTED_MODEL_TYPES = (
+    BERT_STYLE_MODEL_TYPES
+    | MPNET_MODEL_TYPES
+    | DISTILBERT_MODEL_TYPES
+    | ALBERT_MODEL_TYPES
+    | DEBERTA_V2_MODEL_TYPES
+)
 
 
 class EncoderAdapter(ABC):
     """Uniform per-layer access to one Hugging Face encoder (``BertModel``, ``MPNetModel``, ...)."""
+
+    # False: every layer needs a mask, also when no row has padding (DeBERTa's attention always masks).
+    mask_optional = True
 
     def __init__(self, encoder: PreTrainedModel) -> None:
         self.encoder = encoder
@@ -109,6 +121,85 @@ class MPNetAdapter(EncoderAdapter):
         return out[0] if isinstance(out, tuple) else out
 
 
+class DistilBertAdapter(BertStyleAdapter):
+    """DistilBERT: ``transformer.layer[i](hidden, mask) -> hidden``; no token types."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        layers: nn.ModuleList = self._modules_any.transformer.layer
+        return layers
+
+
+class AlbertAdapter(EncoderAdapter):
+    """ALBERT (PABEE's backbone): ``num_hidden_layers`` steps share ``num_hidden_groups`` layer groups;
+    the embeddings (``embedding_size`` wide) are projected to the hidden size before the first layer."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        groups: nn.ModuleList = self._modules_any.encoder.albert_layer_groups
+        return groups
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.encoder.config.num_hidden_layers)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        del attention_mask
+        embeddings = self._modules_any.embeddings(input_ids=input_ids)
+        projected: torch.Tensor = self._modules_any.encoder.embedding_hidden_mapping_in(embeddings)
+        return projected
+
+    def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
+        config = self.encoder.config
+        group = int(index / (config.num_hidden_layers / config.num_hidden_groups))  # as AlbertTransformer
+        out = self.layers[group](hidden, layer_mask)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class DebertaV2Adapter(EncoderAdapter):
+    """DeBERTa-v2/v3: disentangled attention takes the relative positions and the (normalised) relative
+    embeddings at every layer; its embeddings zero the padding. Its attention always applies a mask, so
+    ``layer_mask`` is never None; the ``(rows, 1, 1, seq)`` boolean mask masks the keys as the library's
+    ``(rows, 1, seq, seq)`` one does (they differ only on padding queries, which nothing reads)."""
+
+    mask_optional = False
+
+    def __init__(self, encoder: PreTrainedModel) -> None:
+        super().__init__(encoder)
+        if getattr(encoder.config, "conv_kernel_size", 0) > 0:
+            raise UnsupportedArchitectureError(
+                "DeBERTa-v2 with conv_kernel_size > 0 (a convolution after layer 1) is not supported"
+            )
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        layers: nn.ModuleList = self._modules_any.encoder.layer
+        return layers
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embeddings: torch.Tensor = self._modules_any.embeddings(input_ids=input_ids, mask=attention_mask)
+        return embeddings
+
+    def build_attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        return self.layer_mask(attention_mask, hidden.dtype)
+
+    def layer_mask(
+        self, attention_mask: torch.Tensor, dtype: torch.dtype, padded: bool = True
+    ) -> torch.Tensor | None:
+        del dtype, padded
+        return attention_mask[:, None, None, :].to(torch.bool)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
+        encoder = self._modules_any.encoder
+        out = self.layers[index](
+            hidden,
+            layer_mask,
+            relative_pos=encoder.get_rel_pos(hidden),
+            rel_embeddings=encoder.get_rel_embedding(),
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+
 def adapter_for(encoder: PreTrainedModel) -> EncoderAdapter:
     """Pick the adapter for ``encoder`` by its ``config.model_type``; unknown types are refused."""
     model_type = encoder.config.model_type
@@ -116,6 +207,12 @@ def adapter_for(encoder: PreTrainedModel) -> EncoderAdapter:
         return BertStyleAdapter(encoder)
     if model_type in MPNET_MODEL_TYPES:
         return MPNetAdapter(encoder)
+    if model_type in DISTILBERT_MODEL_TYPES:
+        return DistilBertAdapter(encoder)
+    if model_type in ALBERT_MODEL_TYPES:
+        return AlbertAdapter(encoder)
+    if model_type in DEBERTA_V2_MODEL_TYPES:
+        return DebertaV2Adapter(encoder)
     raise UnsupportedArchitectureError(
         f"architecture {model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
     )

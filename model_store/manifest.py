@@ -23,6 +23,11 @@ class RampSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["mean_pool_mlp"] = "mean_pool_mlp"
     hidden_size: int = Field(gt=0)
+    final: Literal["mean_pool_mlp", "checkpoint_head"] = Field(
+        default="mean_pool_mlp",
+        description="the exit after the last layer: a ramp like the others, or an adopted checkpoint's own "
+        "classification head (model_store.heads)",
+    )
 
 
 class CalibrationPoint(BaseModel):

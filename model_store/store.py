@@ -131,7 +131,12 @@ def load_version_dir(
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
         raise CorruptFileError(weights_path, f"not a readable safetensors file: {e}") from None
-    model = EarlyExitClassifier.from_config(config, len(manifest.labels), manifest.ramp.hidden_size)
+    model = EarlyExitClassifier.from_config(
+        config,
+        len(manifest.labels),
+        manifest.ramp.hidden_size,
+        checkpoint_head=manifest.ramp.final == "checkpoint_head",
+    )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CorruptFileError(

@@ -117,6 +117,29 @@ def collect_pooled_features(
     return out
 
 
+@torch.inference_mode()
+def collect_pooled_and_final_logits(
+    model: EarlyExitClassifier, data: TokenizedSet, batch_size: int = 32, progress: tqdm | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``collect_pooled_features`` and, from the same pass, the final exit's logits ``(rows, labels)``
+    (the targets of self-distillation when the final exit is a checkpoint's own head)."""
+    model.eval()
+    out = torch.empty(len(data), model.num_layers, model.encoder.config.hidden_size)
+    final = torch.empty(len(data), model.num_labels)
+    for rows in length_sorted_batches(data, batch_size):
+        ids, mask = data.batch(rows)
+        hidden = model.embed(ids, mask)
+        pooled = []
+        for layer in range(1, model.num_layers + 1):
+            hidden = model.run_layer(layer, hidden, mask)
+            pooled.append(masked_mean(hidden, mask))
+        out[rows] = torch.stack(pooled, dim=1).float()
+        final[rows] = model.ramp_logits(model.num_layers, hidden, mask).float()
+        if progress is not None:
+            progress.update(len(rows))
+    return out, final
+
+
 def ramp_head(ramp: OffRamp | nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     """``OffRamp.forward`` after its pooling step: equal to ``ramp(hidden, mask)`` (a test checks it)."""
     dense: nn.Module = ramp.dense  # type: ignore[assignment]

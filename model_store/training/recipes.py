@@ -127,19 +127,25 @@ def train_ramps_frozen(
     show_progress: bool,
     targets: Literal["labels", "teacher"],
     desc: str = "ramps",
+    features: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> LoopStats:
     """Train ramps 1..L-1 on a frozen backbone from cached pooled features.
 
     ``targets="labels"``: cross-entropy on the labels (DeeBERT). ``targets="teacher"``: KL divergence to
-    the final ramp's soft labels (FastBERT self-distillation; labels unused).
+    the final exit's soft labels (FastBERT self-distillation; labels unused). ``features`` and
+    ``teacher_logits`` may come precomputed (an adopted checkpoint's head does not pool like a ramp).
     """
-    with tqdm(total=len(data), desc=f"{desc}: features", unit="row", disable=not show_progress) as bar:
-        features = collect_pooled_features(model, data, budget.inference_batch_size, progress=bar)
+    if features is None:
+        with tqdm(total=len(data), desc=f"{desc}: features", unit="row", disable=not show_progress) as bar:
+            features = collect_pooled_features(model, data, budget.inference_batch_size, progress=bar)
     ramps = list(model.ramps[:-1])
     params = [p for ramp in ramps for p in ramp.parameters()]
     _set_trainable(model, params)
     with torch.no_grad():
-        teacher_probs = F.softmax(ramp_head(model.ramps[-1], features[:, -1]), dim=-1)
+        if teacher_logits is None:
+            teacher_logits = ramp_head(model.ramps[-1], features[:, -1])
+        teacher_probs = F.softmax(teacher_logits, dim=-1)
 
     def batch_loss(rows: torch.Tensor) -> torch.Tensor:
         losses = []

@@ -52,12 +52,13 @@ class _CohortTensors:
     max_layers: torch.Tensor
     patience: PatienceState
 
-    def select(self, positions: list[int], index: torch.Tensor) -> _CohortTensors:
-        """The rows at ``positions`` (``index`` holds them on the device), padding trimmed."""
+    def select(self, positions: list[int], index: torch.Tensor, mask_optional: bool = True) -> _CohortTensors:
+        """The rows at ``positions`` (``index`` holds them on the device), padding trimmed. The layer mask
+        goes when no padding is left, if the encoder allows none (``EncoderAdapter.mask_optional``)."""
         lengths = [self.lengths[p] for p in positions]
         longest = max(lengths)
         layer_mask = None
-        if self.layer_mask is not None and min(lengths) < longest:
+        if self.layer_mask is not None and (min(lengths) < longest or not mask_optional):
             layer_mask = self.layer_mask.index_select(0, index)[..., :longest]
         return _CohortTensors(
             row_ids=[self.row_ids[p] for p in positions],
@@ -225,7 +226,8 @@ class Runner:
         return rows
 
     def _select(self, cohort: _CohortTensors, positions: list[int]) -> _CohortTensors:
-        return cohort.select(positions, self._to_device(torch.tensor(positions, dtype=torch.long)))
+        index = self._to_device(torch.tensor(positions, dtype=torch.long))
+        return cohort.select(positions, index, self.model.adapter.mask_optional)
 
     def _embed(self, rows: list[RowSpec]) -> _CohortTensors:
         """The step's new rows as tensors. Token ids, lengths and exit policy travel in one buffer

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, MPNetConfig, PretrainedConfig, RobertaConfig
+from transformers import (
+    AlbertConfig,
+    BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    MPNetConfig,
+    PretrainedConfig,
+    RobertaConfig,
+)
 
 from model_store.early_exit import EarlyExitClassifier
 
@@ -21,6 +29,21 @@ def tiny_config(kind: str) -> PretrainedConfig:
         return RobertaConfig(**TINY, pad_token_id=1, max_position_embeddings=80)
     if kind == "mpnet":
         return MPNetConfig(**TINY)
+    if kind == "distilbert":
+        return DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=4, n_heads=4, hidden_dim=64)
+    if kind == "albert":  # 4 layers sharing 2 groups: layers 1-2 use group 0, layers 3-4 group 1
+        return AlbertConfig(**TINY, embedding_size=16, num_hidden_groups=2, inner_group_num=1)
+    if kind == "deberta-v2":  # DeBERTa-v3's settings: relative buckets, layer-normed rel. embeddings
+        return DebertaV2Config(
+            **TINY,
+            relative_attention=True,
+            position_buckets=16,
+            max_relative_positions=32,
+            pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm",
+            position_biased_input=False,
+            type_vocab_size=0,
+        )
     raise ValueError(kind)
 
 
@@ -41,6 +64,9 @@ def padded_batch(lengths: list[int], pad_id: int, seed: int = 1) -> tuple[torch.
     return ids, mask
 
 
-@pytest.fixture(params=["bert", "roberta", "mpnet"])
+KINDS = ["bert", "roberta", "mpnet", "distilbert", "albert", "deberta-v2"]
+
+
+@pytest.fixture(params=KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)

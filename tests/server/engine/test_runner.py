@@ -16,7 +16,7 @@ from model_store.reference import RowPolicies, early_exit_forward
 from server.engine.graphs import EagerReplayBackend, bucket_for, row_buckets, seq_buckets
 from server.engine.runner import Runner, _CohortTensors
 from server.engine.scheduler import RowExit, RowSpec, Scheduler, SchedulerConfig
-from tests.model_store.conftest import padded_batch, tiny_config, tiny_model
+from tests.model_store.conftest import KINDS, padded_batch, tiny_config, tiny_model
 
 pytestmark = pytest.mark.model
 
@@ -88,7 +88,7 @@ def _check(answers: dict[int, RowExit], reference: list) -> None:
         assert max(abs(a - b) for a, b in zip(got.probs, want.probs, strict=True)) <= 1e-5, f"row {row}"
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "mpnet"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-cache"])
 def test_runner_matches_reference_rows_alone(kind: str, graphs: bool) -> None:
     model = _sharpened(kind)
