@@ -48,6 +48,12 @@ class Example:
     text: str
     label: str
     group: str
+    text_pair: str | None = None  # the second text of a pair (NLI hypothesis, query's passage, ...)
+
+    @property
+    def inputs(self) -> str | tuple[str, str]:
+        """What the tokenizer takes: the text, or the (text, text_pair) pair."""
+        return self.text if self.text_pair is None else (self.text, self.text_pair)
 
 
 @dataclass
@@ -220,6 +226,11 @@ def _dedup_key(text: str) -> str:
     return hashlib.sha256(_collapse(text).lower().encode("utf-8")).hexdigest()
 
 
+def _example_key(ex: Example) -> str:
+    key = _dedup_key(ex.text)
+    return key if ex.text_pair is None else key + "\x00" + _dedup_key(ex.text_pair)
+
+
 def deduplicate(examples: list[Example]) -> tuple[list[Example], int, int]:
     """Keep the first of each text (case and whitespace ignored); drop texts seen with two labels.
 
@@ -227,11 +238,11 @@ def deduplicate(examples: list[Example]) -> tuple[list[Example], int, int]:
     """
     labels_by_key: dict[str, set[str]] = {}
     for ex in examples:
-        labels_by_key.setdefault(_dedup_key(ex.text), set()).add(ex.label)
+        labels_by_key.setdefault(_example_key(ex), set()).add(ex.label)
     seen: set[str] = set()
     kept: list[Example] = []
     for ex in examples:
-        key = _dedup_key(ex.text)
+        key = _example_key(ex)
         if key in seen or len(labels_by_key[key]) > 1:
             continue
         seen.add(key)
@@ -258,7 +269,10 @@ def stratified_split(
     dev: list[Example] = []
     test: list[Example] = []
     for group in sorted(by_group):
-        members = sorted(by_group[group], key=lambda e: hashlib.sha256(f"{seed}:{e.text}".encode()).digest())
+        members = sorted(
+            by_group[group],
+            key=lambda e: hashlib.sha256(f"{seed}:{e.text}:{e.text_pair or ''}".encode()).digest(),
+        )
         n = len(members)
         num_dev = max(1, round(n * fractions[1])) if n >= 3 else 0
         num_test = max(1, round(n * fractions[2])) if n >= 3 else 0
@@ -288,12 +302,24 @@ def read_user_file(path: Path) -> list[Example]:
     raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl or .csv with text and label columns")
 
 
-def _check_record(path: Path, line: int, text: object, label: object) -> Example:
+def _check_record(path: Path, line: int, text: object, label: object, text_pair: object = None) -> Example:
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{path}:{line}: 'text' must be a non-empty string")
     if isinstance(label, bool) or not isinstance(label, str | int) or not str(label).strip():
         raise DataError(f"{path}:{line}: 'label' must be a non-empty string or an integer")
-    return Example(text=text, label=str(label).strip(), group=str(label).strip())
+    if text_pair is not None and (not isinstance(text_pair, str) or not text_pair.strip()):
+        raise DataError(f"{path}:{line}: 'text_pair' must be a non-empty string")
+    return Example(text=text, label=str(label).strip(), group=str(label).strip(), text_pair=text_pair)
+
+
+def _same_kind(path: Path, examples: list[Example]) -> list[Example]:
+    """Every record a pair (``text_pair`` given) or none."""
+    num_pairs = sum(ex.text_pair is not None for ex in examples)
+    if 0 < num_pairs < len(examples):
+        raise DataError(
+            f"{path}: {num_pairs} of {len(examples)} records have 'text_pair'; give it in all or in none"
+        )
+    return examples
 
 
 def _read_jsonl(path: Path) -> list[Example]:
@@ -308,8 +334,10 @@ def _read_jsonl(path: Path) -> list[Example]:
                 raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or "text" not in record or "label" not in record:
                 raise DataError(f"{path}:{line_number}: expected an object with 'text' and 'label'")
-            examples.append(_check_record(path, line_number, record["text"], record["label"]))
-    return examples
+            examples.append(
+                _check_record(path, line_number, record["text"], record["label"], record.get("text_pair"))
+            )
+    return _same_kind(path, examples)
 
 
 def _read_csv(path: Path) -> list[Example]:
@@ -322,8 +350,10 @@ def _read_csv(path: Path) -> list[Example]:
             line_number = reader.line_num
             if None in record or any(v is None for v in record.values()):
                 raise DataError(f"{path}:{line_number}: wrong number of fields")
-            examples.append(_check_record(path, line_number, record["text"], record["label"]))
-    return examples
+            examples.append(
+                _check_record(path, line_number, record["text"], record["label"], record.get("text_pair"))
+            )
+    return _same_kind(path, examples)
 
 
 def load_user_data(

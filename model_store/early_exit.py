@@ -72,6 +72,8 @@ class EarlyExitClassifier(nn.Module):
         if final_head is not None:
             ramps.append(final_head)
         self.ramps = nn.ModuleList(ramps)
+        # Set for a model that takes text pairs (the manifest's pair_separator_id): see ``embed``.
+        self.pair_separator_id: int | None = None
 
     @property
     def has_checkpoint_head(self) -> bool:
@@ -126,8 +128,13 @@ class EarlyExitClassifier(nn.Module):
         return self.adapter.num_layers
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Embeddings of a padded batch (rows, seq) -> (rows, seq, hidden)."""
-        return self.adapter.embed(input_ids, attention_mask)
+        """Embeddings of a padded batch (rows, seq) -> (rows, seq, hidden). A pair model on an encoder with
+        token types gives the tokens after the first separator type 1 (segment B), as the tokenizer's
+        ``token_type_ids`` do for a pair; derived on the device from the ids, so no row carries them."""
+        token_types = None
+        if self.pair_separator_id is not None and self.adapter.takes_token_types:
+            token_types = pair_token_types(input_ids, self.pair_separator_id)
+        return self.adapter.embed(input_ids, attention_mask, token_types)
 
     def run_layer(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run encoder layer ``layer`` (1-based) on any rows: hidden and 2-D mask hold just those rows."""
@@ -164,6 +171,13 @@ class EarlyExitClassifier(nn.Module):
             hidden = self.run_layer(layer, hidden, attention_mask)
             logits.append(self.ramp_logits(layer, hidden, attention_mask))
         return logits
+
+
+def pair_token_types(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """Token type 1 for every token after the first ``separator_id`` of its row, else 0: BERT's
+    ``token_type_ids`` for ``[CLS] a [SEP] b [SEP]`` (padding, which nothing reads, gets 1)."""
+    sep = (input_ids == separator_id).long()
+    return ((torch.cumsum(sep, dim=1) - sep) > 0).long()
 
 
 def _no_pooler(config: PretrainedConfig) -> dict[str, bool]:

@@ -55,10 +55,22 @@ class EncoderAdapter(ABC):
     @abstractmethod
     def layers(self) -> nn.ModuleList: ...
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_token_types(self) -> bool:
+        """Whether the encoder embeds token types (segment A/B of a pair): BERT, ALBERT, ELECTRA, ...;
+        not RoBERTa-style (one type), DistilBERT, MPNet or DeBERTa-v3."""
+        return int(getattr(self.encoder.config, "type_vocab_size", 0) or 0) >= 2
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings for a padded batch: ``(rows, seq) -> (rows, seq, hidden)``."""
         del attention_mask  # positions come from input_ids (RoBERTa/MPNet skip pads themselves)
-        embeddings: torch.Tensor = self._modules_any.embeddings(input_ids=input_ids)
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        embeddings: torch.Tensor = self._modules_any.embeddings(input_ids=input_ids, **kwargs)
         return embeddings
 
     def build_attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -143,9 +155,15 @@ class AlbertAdapter(EncoderAdapter):
     def num_layers(self) -> int:
         return int(self.encoder.config.num_hidden_layers)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         del attention_mask
-        embeddings = self._modules_any.embeddings(input_ids=input_ids)
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        embeddings = self._modules_any.embeddings(input_ids=input_ids, **kwargs)
         projected: torch.Tensor = self._modules_any.encoder.embedding_hidden_mapping_in(embeddings)
         return projected
 
@@ -176,8 +194,16 @@ class DebertaV2Adapter(EncoderAdapter):
         layers: nn.ModuleList = self._modules_any.encoder.layer
         return layers
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        embeddings: torch.Tensor = self._modules_any.embeddings(input_ids=input_ids, mask=attention_mask)
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        embeddings: torch.Tensor = self._modules_any.embeddings(
+            input_ids=input_ids, mask=attention_mask, **kwargs
+        )
         return embeddings
 
     def build_attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:

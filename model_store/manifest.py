@@ -187,6 +187,16 @@ class Manifest(BaseModel):
     hidden_size: int = Field(gt=0)
     labels: list[str] = Field(min_length=2)
     max_seq_length: int = Field(gt=0)
+    input_kind: Literal["text", "pair"] = Field(
+        default="text",
+        description="text: one text per input; pair: two (premise/hypothesis, query/passage), tokenized "
+        "as the tokenizer joins pairs, truncated longest-first to max_seq_length",
+    )
+    pair_separator_id: int | None = Field(
+        default=None,
+        description="pair models: the separator token; tokens after its first occurrence are segment B "
+        "(token type 1) for encoders with token types",
+    )
     ramp: RampSpec
     default_criterion: Criterion = Criterion.NORMALIZED_ENTROPY
     default_speed: float = Field(default=0.0, ge=0.0, le=1.0)

@@ -144,6 +144,7 @@ def load_version_dir(
             f"weights do not fit the manifest's model: {len(missing)} missing (e.g. {missing[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
         )
+    model.pair_separator_id = manifest.pair_separator_id if manifest.input_kind == "pair" else None
     int8 = manifest.quantization == "int8_dynamic"
     if int8 and (torch.device(device).type != "cpu" or dtype != torch.float32):
         raise UnsupportedDeviceError(

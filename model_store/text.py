@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,10 @@ class EncodedBatch:
     truncated: list[bool]  # whether the row was cut to max_seq_length
 
 
-def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_seq_length: int) -> EncodedBatch:
-    """Tokenize ``texts`` exactly as the server does (``RowTokenizer``), padded on the right."""
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str | tuple[str, str]], max_seq_length: int
+) -> EncodedBatch:
+    """Tokenize ``texts`` (or pairs) exactly as the server does (``RowTokenizer``), padded on the right."""
     rows = RowTokenizer(tokenizer, max_seq_length)(texts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     longest = max(len(ids) for ids, _ in rows)

@@ -60,7 +60,7 @@ def tokenize_examples(
     rows: list[torch.Tensor] = []
     for start in range(0, len(examples), ENCODE_CHUNK):
         chunk = examples[start : start + ENCODE_CHUNK]
-        enc = encode_texts(tokenizer, [ex.text for ex in chunk], max_seq_length)
+        enc = encode_texts(tokenizer, [ex.inputs for ex in chunk], max_seq_length)
         rows += [enc.input_ids[i, :n].clone() for i, n in enumerate(enc.num_tokens)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return TokenizedSet(

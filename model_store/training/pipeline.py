@@ -141,11 +141,17 @@ def run_training(settings: TrainSettings) -> TrainReport:
     )
     t = lap("data", t)
 
+    pairs = any(ex.text_pair is not None for ex in splits.train)
+    separator = tokenizer.sep_token_id if pairs else None
+    if pairs and separator is None:
+        raise ValueError(f"{settings.base}: the tokenizer has no separator token, so it cannot join pairs")
     model = EarlyExitClassifier.from_pretrained_encoder(base_dir, len(splits.labels))
+    model.pair_separator_id = separator
     result = train_recipe(
         settings.recipe, model, train, settings.budget, settings.seed, settings.show_progress
     )
     model = result.model
+    model.pair_separator_id = separator
     t = lap("train", t)
 
     dev_logits = _logits(model, dev, "calibrate (dev)", settings)
@@ -170,6 +176,8 @@ def run_training(settings: TrainSettings) -> TrainReport:
         hidden_size=int(encoder_config.hidden_size),
         labels=splits.labels,
         max_seq_length=settings.max_seq_length,
+        input_kind="pair" if pairs else "text",
+        pair_separator_id=separator,
         ramp=RampSpec(hidden_size=model.ramp_hidden),
         default_criterion=chosen.criterion,
         default_speed=chosen.speed,

@@ -212,6 +212,7 @@ def make_student(teacher: EarlyExitClassifier) -> EarlyExitClassifier:
         else:
             state[key] = value.clone()
     student.load_state_dict(state, strict=True)
+    student.pair_separator_id = teacher.pair_separator_id
     return student.eval()
 
 

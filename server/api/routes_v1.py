@@ -21,6 +21,7 @@ from server.api.schemas import (
 from server.api.state import (
     StateDep,
     build_options,
+    check_input_kind,
     check_num_inputs,
     request_start_s,
     timing_headers,
@@ -59,6 +60,7 @@ def describe_model(info: ModelInfo, ready: bool) -> ModelDescription:
         default_speed=info.default_speed,
         criteria=list(Criterion),
         ready=ready,
+        input_kind="pair" if info.input_kind == "pair" else "text",
         calibration=info.calibration,
         live_guard=info.live_guard,
         provenance=info.provenance,
@@ -106,6 +108,7 @@ async def classify(body: ClassifyRequest, request: Request, state: StateDep) -> 
     texts = body.texts
     check_num_inputs(len(texts), state.settings)
     info = engine.model_info
+    check_input_kind(texts, info)
     options = build_options(body, info, state.settings, request_start_s(request))
     result = await engine.classify(texts, options, wait_disconnect=request.receive)
     # Serialised here, once: returned as a model, FastAPI would validate it against the response model

@@ -42,6 +42,7 @@ from server.api.state import (
     AppState,
     StateDep,
     build_options,
+    check_input_kind,
     check_num_inputs,
     request_start_s,
     timing_headers,
@@ -60,6 +61,7 @@ from server.engine.types import ClassifyResult, ModelInfo
 SERVER_NAME = "exitserve"
 PROTOCOL_VERSION = "2"
 INPUT_NAME = "text"
+PAIR_INPUT_NAME = "text_pair"  # the second tensor of a pair model's request
 # name -> (datatype, whether it is sent when the request names no outputs)
 OUTPUTS: dict[str, tuple[str, bool]] = {
     "label": ("BYTES", True),
@@ -119,10 +121,31 @@ def _flatten(data: list[Any]) -> list[Any]:
     return flat
 
 
-def _texts_of(tensor: InferInputTensor, binary: bytes) -> list[str]:
-    """The texts of the one input tensor (JSON data, or its binary data after the JSON header), checked
+def _inputs_of(tensors: list[InferInputTensor], binary: bytes) -> list[str] | list[tuple[str, str]]:
+    """The texts of the 'text' tensor, or with a second 'text_pair' tensor of the same shape, the pairs
+    (binary data: the first tensor's bytes, then the second's)."""
+    if len(tensors) == 1:
+        return _texts_of(tensors[0], binary)
+    first, second = tensors
+    if second.name != PAIR_INPUT_NAME:
+        raise InvalidRequestError(
+            f"a second input tensor must be named {PAIR_INPUT_NAME!r}, not {second.name!r}", "inputs[1].name"
+        )
+    size = (first.parameters or {}).get("binary_data_size")
+    split = size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= len(binary) else 0
+    texts = _texts_of(first, binary[:split], 0)
+    pairs = _texts_of(second, binary[split:], 1)
+    if first.shape != second.shape:
+        raise InvalidRequestError(
+            f"inputs[1].shape {second.shape} differs from inputs[0].shape {first.shape}", "inputs[1].shape"
+        )
+    return list(zip(texts, pairs, strict=True))
+
+
+def _texts_of(tensor: InferInputTensor, binary: bytes, index: int = 0) -> list[str]:
+    """The texts of one input tensor (JSON data, or its binary data after the JSON header), checked
     against its datatype and shape."""
-    field = "inputs[0]"
+    field = f"inputs[{index}]"
     if tensor.datatype != "BYTES":
         raise InvalidRequestError(
             f"{field}.datatype must be BYTES, not {tensor.datatype}", f"{field}.datatype"
@@ -279,7 +302,12 @@ def _metadata(info: ModelInfo) -> ModelMetadata:
         name=info.name,
         versions=[info.version],
         platform=SERVER_NAME,
-        inputs=[TensorMetadata(name=INPUT_NAME, datatype="BYTES", shape=[-1])],
+        inputs=[TensorMetadata(name=INPUT_NAME, datatype="BYTES", shape=[-1])]
+        + (
+            [TensorMetadata(name=PAIR_INPUT_NAME, datatype="BYTES", shape=[-1])]
+            if info.input_kind == "pair"
+            else []
+        ),
         outputs=[
             TensorMetadata(name=out, datatype=dtype, shape=[-1, len(info.labels)] if out == "probs" else [-1])
             for out, (dtype, _) in OUTPUTS.items()
@@ -318,8 +346,9 @@ async def _read_infer_request(request: Request) -> tuple[InferRequest, bytes]:
 async def _infer(state: AppState, info: ModelInfo, request: Request) -> Response:
     engine = state.require_engine()
     body, binary = await _read_infer_request(request)
-    texts = _texts_of(body.inputs[0], binary)
+    texts = _inputs_of(body.inputs, binary)
     check_num_inputs(len(texts), state.settings, "inputs[0].data")
+    check_input_kind(texts, info, "inputs")
     options = build_options(_options_of(body.parameters), info, state.settings, request_start_s(request))
     output_names = _output_names(body.outputs, info, options.best_effort)
     if body.outputs is None:  # binary_data_output: every output in binary

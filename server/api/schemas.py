@@ -31,6 +31,21 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def check_inputs(value: Any, field: str = "inputs") -> list[str] | list[tuple[str, str]]:
+    """Texts (see ``check_texts``), or a list of ``[text, text_pair]`` pairs of such texts."""
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        pairs: list[tuple[str, str]] = []
+        for index, pair in enumerate(value):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise PydanticCustomError(
+                    "pair_shape", f"{field}[{index}] must be a [text, text_pair] pair of two strings"
+                )
+            a, b = check_texts(pair, f"{field}[{index}]")
+            pairs.append((a, b))
+        return pairs
+    return check_texts(value, field)
+
+
 def check_texts(value: Any, field: str = "inputs") -> list[str]:
     """A list of non-blank strings (a single string counts as one), or a validation error naming it."""
     texts = [value] if isinstance(value, str) else value
@@ -102,18 +117,20 @@ class RequestOptions(BaseModel):
 class ClassifyRequest(RequestOptions):
     """``POST /v1/classify``."""
 
-    inputs: str | list[str] = Field(description="one text or a list of texts")
+    inputs: str | list[str] | list[tuple[str, str]] = Field(
+        description="one text or a list of texts; for a pair model, a list of [text, text_pair] pairs"
+    )
     return_probs: bool = Field(default=False, description="include every label's probability")
 
     @field_validator("inputs", mode="before")
     @classmethod
-    def _texts(cls, value: Any) -> list[str]:
-        return check_texts(value)
+    def _texts(cls, value: Any) -> list[str] | list[tuple[str, str]]:
+        return check_inputs(value)
 
     @property
-    def texts(self) -> list[str]:
-        """The inputs as a list."""
-        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+    def texts(self) -> list[str] | list[tuple[str, str]]:
+        """The inputs as a list (of texts, or of pairs)."""
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)  # type: ignore[return-value]
 
 
 class ClassifyResult(BaseModel):
@@ -166,6 +183,9 @@ class ModelDescription(BaseModel):
     default_speed: float
     criteria: list[Criterion]
     ready: bool
+    input_kind: Literal["text", "pair"] = Field(
+        default="text", description="text: inputs are texts; pair: inputs are [text, text_pair] pairs"
+    )
     calibration: dict[str, Any] | None = Field(description="the manifest's speed/accuracy table")
     live_guard: dict[str, Any] | None = Field(
         default=None, description="live agreement of early exits with full depth, per speed bucket"

@@ -51,7 +51,9 @@ class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[InferInputTensor] = Field(min_length=1, max_length=1)
+    inputs: list[InferInputTensor] = Field(
+        min_length=1, max_length=2, description="'text'; for a pair model also 'text_pair', of the same shape"
+    )
     outputs: list[InferRequestedOutput] | None = None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
@@ -22,7 +22,7 @@ from server.engine import targets
 from server.engine.admission import DegradeLevel
 from server.engine.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError
 from server.engine.targets import ResolvedTarget
-from server.engine.types import ClassifyOptions, ClassifyResult, EngineObserver, ModelInfo
+from server.engine.types import ClassifyOptions, ClassifyResult, EngineObserver, Inputs, ModelInfo
 from server.metrics import ServerMetrics
 from server.settings import Settings
 
@@ -44,7 +44,7 @@ class ServingEngine(Protocol):
 
     async def classify(
         self,
-        texts: list[str],
+        texts: Inputs,
         options: ClassifyOptions,
         wait_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> ClassifyResult: ...
@@ -107,6 +107,21 @@ def check_num_inputs(num_inputs: int, settings: Settings, field_name: str = "inp
     if num_inputs > settings.max_inputs_per_request:
         raise PayloadTooLargeError(
             f"{field_name} holds {num_inputs} texts; at most {settings.max_inputs_per_request} per request"
+        )
+
+
+def check_input_kind(inputs: Sequence[object], info: ModelInfo, field_name: str = "inputs") -> None:
+    """A pair sent to a single-text model, or a text to a pair model, is refused (422)."""
+    pairs = bool(inputs) and isinstance(inputs[0], tuple)
+    if pairs and info.input_kind != "pair":
+        raise InvalidRequestError(
+            f"{field_name} holds [text, text_pair] pairs, but model {info.name!r} takes single texts",
+            field=field_name,
+        )
+    if not pairs and info.input_kind == "pair":
+        raise InvalidRequestError(
+            f"model {info.name!r} takes [text, text_pair] pairs; {field_name} holds single texts",
+            field=field_name,
         )
 
 

@@ -47,6 +47,7 @@ from server.engine.types import (
     ClassifyResult,
     EngineConfig,
     EngineObserver,
+    Inputs,
     ModelInfo,
     NullObserver,
     RowOutcome,
@@ -175,7 +176,7 @@ class EngineClient:
 
     async def classify(
         self,
-        texts: list[str],
+        texts: Inputs,
         options: ClassifyOptions,
         wait_disconnect: WaitDisconnect | None = None,
     ) -> ClassifyResult:
@@ -197,7 +198,10 @@ class EngineClient:
         if max_layers is not None and max_layers < 1:
             raise InvalidRequestError("max_layers must be at least 1", field="max_layers")
         max_layers = min(max_layers or info.num_layers, info.num_layers)
-        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+        if (
+            sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
+            <= INLINE_TOKENIZE_CHARS
+        ):
             encoded = self._tokenize(texts)
         else:
             encoded = await asyncio.to_thread(self._tokenize, texts)
@@ -305,14 +309,14 @@ class EngineClient:
             raise
         self._sent = self._sent + Backlog.of_rows(num_rows, admitted.expected_layers, mean_tokens)
 
-    def _tokenize(self, texts: list[str]) -> list[tuple[tuple[int, ...], bool]]:
+    def _tokenize(self, texts: Inputs) -> list[tuple[tuple[int, ...], bool]]:
         """Token ids per text; a text the tokenizer rejects is the client's error, named by index."""
         try:
             return self._tokenizer(texts)
         except Exception:
             for index, text in enumerate(texts):
                 try:
-                    self._tokenizer([text])
+                    self._tokenizer([text])  # type: ignore[list-item]
                 except Exception as e:
                     raise InvalidRequestError(
                         f"inputs[{index}] cannot be tokenized ({type(e).__name__})", field=f"inputs[{index}]"

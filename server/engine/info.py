@@ -35,6 +35,7 @@ def static_model_info(manifest: Manifest, sample_fraction: float) -> ModelInfo:
         calibration=m.calibration.model_dump(mode="json") if m.calibration else None,
         calibration_table=m.calibration,
         provenance=m.provenance.model_dump(mode="json"),
+        input_kind=m.input_kind,
         live_guard={
             "sample_fraction": sample_fraction,
             "expected_agreement": expected_agreement(m),

