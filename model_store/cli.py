@@ -25,50 +25,72 @@ DEFAULT_BUDGET = Budget(
     max_finetune_examples=3000, finetune_epochs=1.0, finetune_lr=1e-4, max_ramp_examples=3000
 )
 NUM_THREADS = 2
+TRAIN_FINETUNE_EPOCHS = 3.0  # `train`: at most; early stopping on the dev loss usually ends it sooner
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, default=Path(".cache"), help="download cache")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, shuffles and initialisation")
     parser.add_argument("--plot", type=Path, default=None, help="write the calibration plot (PNG) here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--threads", type=int, default=NUM_THREADS, help=f"torch threads (default {NUM_THREADS})"
-    )
+    parser.add_argument("--threads", type=int, default=NUM_THREADS, help="torch threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model_store", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train an early-exit model with a recipe and save it to a store")
+    train = sub.add_parser(
+        "train",
+        help="train an early-exit model with a recipe and save it to a store",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     train.add_argument("--recipe", choices=sorted(RECIPES), required=True)
     train.add_argument(
         "--base", default=MINILM, help=f"encoder directory, or {MINILM!r} (packaged MiniLM-L6)"
     )
     train.add_argument(
-        "--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv with text,label"
-    )
+        "--data", default="spamassassin",
+        help="'spamassassin' or a .jsonl/.csv with text,label (and text_pair for a pair model)",
+    )  # fmt: skip
     train.add_argument("--out", type=Path, required=True, help="model store directory")
-    train.add_argument("--name", default=None, help="model name (default: <data>-<recipe>)")
-    train.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH)
-    train.add_argument("--finetune-examples", type=int, default=DEFAULT_BUDGET.max_finetune_examples)
-    train.add_argument("--finetune-epochs", type=float, default=DEFAULT_BUDGET.finetune_epochs)
-    train.add_argument("--ramp-examples", type=int, default=DEFAULT_BUDGET.max_ramp_examples)
-    train.add_argument("--ramp-epochs", type=float, default=DEFAULT_BUDGET.ramp_epochs)
+    train.add_argument("--name", default=None, help="model name (None: <data>-<recipe>)")
+    train.add_argument(
+        "--max-seq-length", type=int, default=None,
+        help="tokens per input (None: the train texts' 95th-percentile length, rounded up to 8, within the "
+        "encoder's limit; printed)",
+    )  # fmt: skip
+    train.add_argument(
+        "--finetune-examples", type=int, default=None, help="cap on fine-tuning rows (None: every train row)"
+    )
+    train.add_argument(
+        "--finetune-epochs", type=float, default=TRAIN_FINETUNE_EPOCHS,
+        help="fine-tuning epochs at most; it stops earlier when the dev loss rises after an epoch",
+    )  # fmt: skip
+    train.add_argument(
+        "--ramp-examples", type=int, default=None, help="cap on ramp rows (None: every train row)"
+    )
+    train.add_argument("--ramp-epochs", type=float, default=Budget.ramp_epochs, help="ramp training epochs")
     train.add_argument(
         "--lr", type=float, default=DEFAULT_BUDGET.finetune_lr, help="fine-tuning learning rate"
     )
-    train.add_argument("--batch-size", type=int, default=DEFAULT_BUDGET.finetune_batch_size)
+    train.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BUDGET.finetune_batch_size, help="fine-tuning batch"
+    )
+    train.add_argument(
+        "--no-early-stopping", action="store_true", help="run every fine-tuning epoch, whatever the dev loss"
+    )
+    train.add_argument(
+        "--time-budget-min", type=float, default=None,
+        help="bound the whole run: fine-tuning stops at 70 %% of it, ramp training at 85 %% (None: no bound)",
+    )  # fmt: skip
     _add_common(train)
 
     for name, text in (
         ("build-default", f"build the default model {DEFAULT_MODEL!r} ({DEFAULT_RECIPE}, MiniLM-L6)"),
         ("ensure-default", "build the default model only when the store has no version of it"),
     ):
-        cmd = sub.add_parser(name, help=text)
+        cmd = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         cmd.add_argument("--store", type=Path, default=Path("store"))
         _add_common(cmd)
 
@@ -231,6 +253,8 @@ def _run(args: argparse.Namespace) -> int:
             budget=budget,
             plot=args.plot,
             show_progress=not args.no_progress,
+            early_stopping=not args.no_early_stopping,
+            time_budget_min=args.time_budget_min,
         )
         return _train(settings, args.threads)
     if args.command == "build-default":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,6 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    PreTrainedTokenizerBase,
 )
 
 from model_store.calibration import calibrate, pick_default
@@ -42,8 +40,10 @@ from model_store.manifest import Manifest, Provenance, RampSpec
 from model_store.store import ModelStore
 from model_store.training.features import (
     TokenizedSet,
+    choose_max_seq_length,
     collect_pooled_and_final_logits,
     collect_ramp_logits,
+    encoder_length_limit,
     tokenize_examples,
 )
 from model_store.training.loop import seed_everything
@@ -81,27 +81,6 @@ class AdoptReport:
     max_seq_length: int
     test: dict[str, Any]
     timings_s: dict[str, float]
-
-
-def encoder_length_limit(config: Any, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The longest input the encoder takes (position table, less RoBERTa-style offsets; the tokenizer's
-    own limit when it states a real one)."""
-    limit = int(getattr(config, "max_position_embeddings", 512))
-    if config.model_type in POSITION_OFFSET_TYPES:
-        limit -= int(getattr(config, "pad_token_id", 1) or 1) + 1
-    model_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(model_max, int) and 0 < model_max < 100_000:
-        limit = min(limit, model_max)
-    return limit
-
-
-def choose_max_seq_length(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int) -> int:
-    """The 95th percentile of the token lengths (special tokens included), rounded up to 8, in
-    [16, limit]."""
-    sample = texts[:: max(1, len(texts) // 2000)]
-    lengths = sorted(len(ids) for ids in tokenizer(sample, truncation=False)["input_ids"])
-    p95 = lengths[min(len(lengths) - 1, math.ceil(LENGTH_PERCENTILE * len(lengths)) - 1)]
-    return max(min(MIN_SEQ_LENGTH, limit), min(limit, 8 * math.ceil(p95 / 8)))
 
 
 def _relabelled(data: TokenizedSet, labels: torch.Tensor) -> TokenizedSet:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +71,36 @@ def tokenize_examples(
         groups=[ex.group for ex in examples],
         pad_token_id=int(pad),
     )
+
+
+LENGTH_PERCENTILE = 0.95
+MIN_SEQ_LENGTH = 16
+POSITION_OFFSET_TYPES = frozenset(
+    {"roberta", "xlm-roberta", "camembert", "mpnet"}
+)  # positions start at pad+1
+
+
+def encoder_length_limit(config: Any, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest input the encoder takes (position table, less RoBERTa-style offsets; the tokenizer's
+    own limit when it states a real one)."""
+    limit = int(getattr(config, "max_position_embeddings", 512))
+    if config.model_type in POSITION_OFFSET_TYPES:
+        limit -= int(getattr(config, "pad_token_id", 1) or 1) + 1
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < 100_000:
+        limit = min(limit, model_max)
+    return limit
+
+
+def choose_max_seq_length(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str | tuple[str, str]], limit: int
+) -> int:
+    """The 95th percentile of the token lengths (special tokens included), rounded up to 8, in
+    [16, limit]."""
+    sample = texts[:: max(1, len(texts) // 2000)]
+    lengths = sorted(len(ids) for ids in tokenizer(sample, truncation=False)["input_ids"])
+    p95 = lengths[min(len(lengths) - 1, math.ceil(LENGTH_PERCENTILE * len(lengths)) - 1)]
+    return max(min(MIN_SEQ_LENGTH, limit), min(limit, 8 * math.ceil(p95 / 8)))
 
 
 def length_sorted_batches(data: TokenizedSet, batch_size: int) -> Iterator[list[int]]:

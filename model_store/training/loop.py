@@ -32,6 +32,7 @@ class LoopConfig:
     warmup_fraction: float = 0.06
     max_grad_norm: float = 1.0
     seed: int = 0
+    deadline_s: float | None = None  # time.time() by which the stage stops (a run's --time-budget-min)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class LoopStats:
     duration_s: float
     first_loss: float
     final_loss: float
+    stopped: str | None = None  # why it ended before num_epochs: "dev loss rose" or "time budget"
+    dev_losses: tuple[float, ...] = ()  # after each epoch, when a dev set is given
 
 
 def train_loop(
@@ -53,12 +56,17 @@ def train_loop(
     config: LoopConfig,
     desc: str,
     show_progress: bool = True,
+    dev_loss: Callable[[], float] | None = None,
 ) -> LoopStats:
     """Train ``params`` for ``config.num_epochs`` passes over ``num_rows`` rows.
 
     ``batch_loss(rows)`` gets a 1-D tensor of row indices and returns the scalar loss of that batch;
     ``modules`` are put in train mode (everything else stays as the caller left it). Linear warmup then
     linear decay; gradients clipped to ``max_grad_norm``.
+
+    Early stopping: with ``dev_loss`` (evaluated in eval mode after every epoch), training stops when the
+    dev loss is higher than after the previous epoch, and the parameters of the best epoch are put back.
+    With ``config.deadline_s``, it stops at that time. The progress bar shows the estimated end.
     """
     if num_rows <= 0:
         raise ValueError(f"{desc}: nothing to train on")
@@ -84,11 +92,25 @@ def train_loop(
     num_rows_seen = 0
     order = torch.randperm(num_rows, generator=generator)
     position = 0
+    stopped: str | None = None
+    dev_losses: list[float] = []
+    best: list[torch.Tensor] | None = None
     with tqdm(total=num_steps, desc=desc, unit="step", disable=not show_progress, leave=True) as bar:
         for step in range(num_steps):
             if position >= num_rows:
+                if dev_loss is not None:
+                    loss_now = _evaluate(modules, dev_loss)
+                    if dev_losses and loss_now > min(dev_losses):
+                        dev_losses.append(loss_now)
+                        stopped = "dev loss rose"
+                        break
+                    dev_losses.append(loss_now)
+                    best = [p.detach().clone() for p in params]
                 order = torch.randperm(num_rows, generator=generator)
                 position = 0
+            if config.deadline_s is not None and time.time() >= config.deadline_s:
+                stopped = "time budget"
+                break
             rows = order[position : position + config.batch_size]
             position += config.batch_size
             loss = batch_loss(rows)
@@ -103,7 +125,34 @@ def train_loop(
             if step == 0:
                 first = value
             bar.update(1)
-            bar.set_postfix(loss=f"{smoothed:.4f}", refresh=False)
+            elapsed = time.perf_counter() - start_s
+            end_s = time.time() + elapsed / (step + 1) * (num_steps - step - 1)
+            if config.deadline_s is not None:
+                end_s = min(end_s, config.deadline_s)
+            bar.set_postfix(
+                loss=f"{smoothed:.4f}", ends=time.strftime("%H:%M:%S", time.localtime(end_s)), refresh=False
+            )
+    if stopped is None and dev_loss is not None and dev_losses:  # else one epoch: nothing to compare
+        dev_losses.append(_evaluate(modules, dev_loss))
+        if len(dev_losses) > 1 and dev_losses[-1] > min(dev_losses[:-1]):
+            stopped = "dev loss rose"
+    if stopped == "dev loss rose" and best is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, best, strict=True):
+                p.copy_(saved)
     for module in modules:
         module.eval()
-    return LoopStats(num_steps, num_rows_seen, time.perf_counter() - start_s, first, smoothed)
+    return LoopStats(
+        step + 1 if stopped is None else step, num_rows_seen, time.perf_counter() - start_s, first, smoothed,
+        stopped, tuple(dev_losses),
+    )  # fmt: skip
+
+
+def _evaluate(modules: list[nn.Module], dev_loss: Callable[[], float]) -> float:
+    for module in modules:
+        module.eval()
+    with torch.no_grad():
+        value = dev_loss()
+    for module in modules:
+        module.train()
+    return value

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from model_store.calibration import (
     calibrate,
@@ -27,9 +27,15 @@ from model_store.data import DataSplits, load_data
 from model_store.early_exit import EarlyExitClassifier
 from model_store.manifest import CalibrationTable, Manifest, Provenance, RampSpec
 from model_store.store import ModelStore
-from model_store.training.features import TokenizedSet, collect_ramp_logits, tokenize_examples
+from model_store.training.features import (
+    TokenizedSet,
+    choose_max_seq_length,
+    collect_ramp_logits,
+    encoder_length_limit,
+    tokenize_examples,
+)
 from model_store.training.loop import seed_everything
-from model_store.training.recipes import Budget, train_recipe
+from model_store.training.recipes import Budget, TrainControl, train_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +65,13 @@ class TrainSettings:
     base: str = MINILM
     data: str = "spamassassin"
     cache_dir: Path = Path(".cache")
-    max_seq_length: int = 128
+    max_seq_length: int | None = 128  # None: the train texts' 95th-percentile token length (see features)
     seed: int = 0
     budget: Budget = field(default_factory=Budget)
     plot: Path | None = None
     show_progress: bool = True
+    early_stopping: bool = True  # fine-tuning stops when the dev loss rises after an epoch (best kept)
+    time_budget_min: float | None = None  # the whole run; fine-tuning stops at 70 %, ramps at 85 %
 
 
 @dataclass
@@ -135,8 +143,16 @@ def run_training(settings: TrainSettings) -> TrainReport:
     )  # fmt: skip
     base_dir = resolve_base(settings.base)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    max_seq_length = settings.max_seq_length
+    if max_seq_length is None:
+        limit = encoder_length_limit(AutoConfig.from_pretrained(base_dir), tokenizer)
+        max_seq_length = choose_max_seq_length(tokenizer, [ex.inputs for ex in splits.train], limit)
+        logger.info(
+            "max sequence length %d tokens: the train texts' 95th-percentile length (encoder limit %d)",
+            max_seq_length, limit,
+        )  # fmt: skip
     train, dev, test = (
-        tokenize_examples(tokenizer, s, splits.labels, settings.max_seq_length)
+        tokenize_examples(tokenizer, s, splits.labels, max_seq_length)
         for s in (splits.train, splits.dev, splits.test)
     )
     t = lap("data", t)
@@ -147,9 +163,19 @@ def run_training(settings: TrainSettings) -> TrainReport:
         raise ValueError(f"{settings.base}: the tokenizer has no separator token, so it cannot join pairs")
     model = EarlyExitClassifier.from_pretrained_encoder(base_dir, len(splits.labels))
     model.pair_separator_id = separator
-    result = train_recipe(
-        settings.recipe, model, train, settings.budget, settings.seed, settings.show_progress
+    budget_s = None if settings.time_budget_min is None else 60.0 * settings.time_budget_min
+    wall_start = time.time() - (time.perf_counter() - started)
+    control = TrainControl(
+        dev=dev if settings.early_stopping else None,
+        finetune_deadline_s=None if budget_s is None else wall_start + 0.70 * budget_s,
+        ramps_deadline_s=None if budget_s is None else wall_start + 0.85 * budget_s,
     )
+    result = train_recipe(
+        settings.recipe, model, train, settings.budget, settings.seed, settings.show_progress, control
+    )
+    for stage, stats in result.stages.items():
+        if stats.stopped:
+            logger.info("%s stopped early after %d steps: %s", stage, stats.num_steps, stats.stopped)
     model = result.model
     model.pair_separator_id = separator
     t = lap("train", t)
@@ -175,7 +201,7 @@ def run_training(settings: TrainSettings) -> TrainReport:
         num_layers=model.num_layers,
         hidden_size=int(encoder_config.hidden_size),
         labels=splits.labels,
-        max_seq_length=settings.max_seq_length,
+        max_seq_length=max_seq_length,
         input_kind="pair" if pairs else "text",
         pair_separator_id=separator,
         ramp=RampSpec(hidden_size=model.ramp_hidden),
@@ -189,6 +215,8 @@ def run_training(settings: TrainSettings) -> TrainReport:
                 "data": splits.source,
                 "seed": settings.seed,
                 "budget": dataclasses.asdict(settings.budget),
+                "early_stopping": settings.early_stopping,
+                "time_budget_min": settings.time_budget_min,
                 "stages": {name: dataclasses.asdict(stats) for name, stats in result.stages.items()},
                 "split_sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
                 "test_evaluation": test_eval,

@@ -28,6 +28,7 @@ from model_store.training.features import (
     TokenizedSet,
     collect_pooled_features,
     collect_ramp_logits,
+    length_sorted_batches,
     ramp_head,
 )
 from model_store.training.loop import LoopConfig, LoopStats, seed_everything, train_loop
@@ -49,6 +50,17 @@ class Budget:
     distil_alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha on the hard labels
     freeze_word_embeddings: bool = True  # small data: keeps the vocabulary intact, and the steps cheaper
     inference_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class TrainControl:
+    """What bounds a run besides its budget: a dev set for early stopping (fine-tuning stops when the dev
+    loss rises after an epoch, keeping the best epoch), and times (``time.time()``) by which the
+    fine-tuning and the ramp stages stop (``--time-budget-min``)."""
+
+    dev: TokenizedSet | None = None
+    finetune_deadline_s: float | None = None
+    ramps_deadline_s: float | None = None
 
 
 @dataclass
@@ -92,6 +104,7 @@ def finetune_final(
     show_progress: bool,
     desc: str = "fine-tune",
     soft_targets: torch.Tensor | None = None,
+    control: TrainControl | None = None,
 ) -> LoopStats:
     """Train the backbone and the final ramp: cross-entropy, plus distillation when ``soft_targets``.
 
@@ -115,8 +128,25 @@ def finetune_final(
         )
         return alpha * temperature**2 * soft + (1.0 - alpha) * hard
 
-    config = LoopConfig(budget.finetune_epochs, budget.finetune_batch_size, budget.finetune_lr, seed=seed)
-    return train_loop([model], params, len(data), batch_loss, config, desc, show_progress)
+    control = control or TrainControl()
+    config = LoopConfig(
+        budget.finetune_epochs, budget.finetune_batch_size, budget.finetune_lr, seed=seed,
+        deadline_s=control.finetune_deadline_s,
+    )  # fmt: skip
+    dev = control.dev
+    dev_loss = None
+    if dev is not None and len(dev):
+
+        def dev_loss() -> float:
+            total = 0.0
+            for rows in length_sorted_batches(dev, budget.inference_batch_size):
+                ids, mask = dev.batch(rows)
+                total += float(
+                    F.cross_entropy(_final_logits(model, ids, mask), dev.labels[rows], reduction="sum")
+                )
+            return total / len(dev)
+
+    return train_loop([model], params, len(data), batch_loss, config, desc, show_progress, dev_loss)
 
 
 def train_ramps_frozen(
@@ -129,6 +159,7 @@ def train_ramps_frozen(
     desc: str = "ramps",
     features: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    deadline_s: float | None = None,
 ) -> LoopStats:
     """Train ramps 1..L-1 on a frozen backbone from cached pooled features.
 
@@ -160,15 +191,21 @@ def train_ramps_frozen(
         return torch.stack(losses).sum()
 
     config = LoopConfig(
-        budget.ramp_epochs, budget.ramp_batch_size, budget.ramp_lr, warmup_fraction=0.0, seed=seed
-    )
+        budget.ramp_epochs, budget.ramp_batch_size, budget.ramp_lr, warmup_fraction=0.0, seed=seed,
+        deadline_s=deadline_s,
+    )  # fmt: skip
     stats = train_loop(ramps, params, len(data), batch_loss, config, desc, show_progress)
     model.eval()
     return stats
 
 
 def train_joint(
-    model: EarlyExitClassifier, data: TokenizedSet, budget: Budget, seed: int, show_progress: bool
+    model: EarlyExitClassifier,
+    data: TokenizedSet,
+    budget: Budget,
+    seed: int,
+    show_progress: bool,
+    control: TrainControl | None = None,
 ) -> LoopStats:
     """PABEE: all ramps with the backbone; ramp k's cross-entropy weighted by k / sum(1..L)."""
     params = _encoder_params(model, budget) + [p for ramp in model.ramps for p in ramp.parameters()]
@@ -183,7 +220,11 @@ def train_joint(
         losses = torch.stack([F.cross_entropy(lg, labels) for lg in model.all_ramp_logits(ids, mask)])
         return (weights * losses).sum()
 
-    config = LoopConfig(budget.finetune_epochs, budget.finetune_batch_size, budget.finetune_lr, seed=seed)
+    control = control or TrainControl()
+    config = LoopConfig(
+        budget.finetune_epochs, budget.finetune_batch_size, budget.finetune_lr, seed=seed,
+        deadline_s=control.finetune_deadline_s,
+    )  # fmt: skip
     return train_loop([model], params, len(data), batch_loss, config, "joint", show_progress)
 
 
@@ -216,7 +257,7 @@ def make_student(teacher: EarlyExitClassifier) -> EarlyExitClassifier:
     return student.eval()
 
 
-RecipeFn = Callable[[EarlyExitClassifier, TokenizedSet, Budget, int, bool], RecipeResult]
+RecipeFn = Callable[[EarlyExitClassifier, TokenizedSet, Budget, int, bool, TrainControl], RecipeResult]
 
 
 def _finetune_then_ramps(ramp_target: Literal["labels", "teacher"], stage_name: str) -> RecipeFn:
@@ -224,36 +265,59 @@ def _finetune_then_ramps(ramp_target: Literal["labels", "teacher"], stage_name: 
     ``ramp_target`` ("teacher": KL to the final ramp's soft labels; "labels": cross-entropy)."""
 
     def recipe(
-        model: EarlyExitClassifier, data: TokenizedSet, budget: Budget, seed: int, show: bool
+        model: EarlyExitClassifier,
+        data: TokenizedSet,
+        budget: Budget,
+        seed: int,
+        show: bool,
+        control: TrainControl,
     ) -> RecipeResult:
         tune = _subset(data, budget.max_finetune_examples, seed)
-        stages = {"fine-tune": finetune_final(model, tune, budget, seed, show)}
+        stages = {"fine-tune": finetune_final(model, tune, budget, seed, show, control=control)}
         ramp_data = _subset(data, budget.max_ramp_examples, seed + 1)
-        stages[stage_name] = train_ramps_frozen(model, ramp_data, budget, seed, show, ramp_target)
+        stages[stage_name] = train_ramps_frozen(
+            model, ramp_data, budget, seed, show, ramp_target, deadline_s=control.ramps_deadline_s
+        )
         return RecipeResult(model, stages)
 
     return recipe
 
 
 def _joint(
-    model: EarlyExitClassifier, data: TokenizedSet, budget: Budget, seed: int, show: bool
+    model: EarlyExitClassifier,
+    data: TokenizedSet,
+    budget: Budget,
+    seed: int,
+    show: bool,
+    control: TrainControl,
 ) -> RecipeResult:
     tune = _subset(data, budget.max_finetune_examples, seed)
-    return RecipeResult(model, {"joint": train_joint(model, tune, budget, seed, show)})
+    return RecipeResult(model, {"joint": train_joint(model, tune, budget, seed, show, control)})
 
 
 def _distil(
-    teacher: EarlyExitClassifier, data: TokenizedSet, budget: Budget, seed: int, show: bool
+    teacher: EarlyExitClassifier,
+    data: TokenizedSet,
+    budget: Budget,
+    seed: int,
+    show: bool,
+    control: TrainControl,
 ) -> RecipeResult:
     tune = _subset(data, budget.max_finetune_examples, seed)
-    stages = {"teacher fine-tune": finetune_final(teacher, tune, budget, seed, show, desc="teacher")}
+    stages = {
+        "teacher fine-tune": finetune_final(
+            teacher, tune, budget, seed, show, desc="teacher", control=control
+        )
+    }
     teacher_logits = collect_ramp_logits(teacher, tune, budget.inference_batch_size)[:, -1]
     student = make_student(teacher)
     stages["student distillation"] = finetune_final(
-        student, tune, budget, seed, show, desc="student", soft_targets=teacher_logits
+        student, tune, budget, seed, show, desc="student", soft_targets=teacher_logits, control=control
     )
     ramp_data = _subset(data, budget.max_ramp_examples, seed + 1)
-    stages["ramps (KL to student)"] = train_ramps_frozen(student, ramp_data, budget, seed, show, "teacher")
+    stages["ramps (KL to student)"] = train_ramps_frozen(
+        student, ramp_data, budget, seed, show, "teacher", deadline_s=control.ramps_deadline_s
+    )
     return RecipeResult(student, stages)
 
 
@@ -272,12 +336,13 @@ def train_recipe(
     budget: Budget,
     seed: int = 0,
     show_progress: bool = True,
+    control: TrainControl | None = None,
 ) -> RecipeResult:
     """Run recipe ``name`` on ``model`` (changed in place; ``distil`` returns a new, shallower model)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
     seed_everything(seed)
-    result = RECIPES[name](model, data, budget, seed, show_progress)
+    result = RECIPES[name](model, data, budget, seed, show_progress, control or TrainControl())
     for p in result.model.parameters():
         p.requires_grad_(False)
     result.model.eval()
