@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-early-stopping", action="store_true", help="run every fine-tuning epoch, whatever the dev loss"
     )
     train.add_argument(
+        "--no-probe-baseline", action="store_true",
+        help="skip the comparison with a logistic-regression probe on the frozen base encoder",
+    )  # fmt: skip
+    train.add_argument(
         "--time-budget-min", type=float, default=None,
         help="bound the whole run: fine-tuning stops at 70 %% of it, ramp training at 85 %% (None: no bound)",
     )  # fmt: skip
@@ -146,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
     )
     trust.add_argument("--plot", type=Path, default=None, help="write the reliability plot (PNG) here")
+
+    probe = sub.add_parser(
+        "probe",
+        help="a saved version against a logistic-regression probe on the frozen base encoder, at mean-exit "
+        "budgets of 1, 1.25, 1.5 and 2 layers (settings chosen on dev, accuracy on test)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    probe.add_argument("name")
+    probe.add_argument("--version", default=None)
+    probe.add_argument("--store", type=Path, default=Path("store"))
+    probe.add_argument("--base", default=MINILM, help="the base encoder the version was trained from")
+    probe.add_argument("--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv")
+    probe.add_argument("--data-dir", type=Path, default=Path(".cache"), help="download cache")
+    probe.add_argument("--threads", type=int, default=NUM_THREADS, help="torch threads")
 
     adopt = sub.add_parser(
         "adopt",
@@ -254,6 +272,7 @@ def _run(args: argparse.Namespace) -> int:
             plot=args.plot,
             show_progress=not args.no_progress,
             early_stopping=not args.no_early_stopping,
+            probe_baseline=not args.no_probe_baseline,
             time_budget_min=args.time_budget_min,
         )
         return _train(settings, args.threads)
@@ -332,6 +351,14 @@ def _run(args: argparse.Namespace) -> int:
         path = recalibrate(args.store, args.name, args.version, args.data, args.data_dir)
         print(f"recalibrated {args.name}: saved {path}")
         print(json.dumps(read_manifest_summary(path), indent=2))
+        return 0
+    if args.command == "probe":
+        import torch
+
+        from model_store.training.pipeline import probe_report
+
+        torch.set_num_threads(args.threads)
+        print(probe_report(args.store, args.name, args.version, args.base, args.data, args.data_dir))
         return 0
     if args.command == "quantize":
         from model_store.training.pipeline import quantize_version

@@ -71,6 +71,7 @@ class TrainSettings:
     plot: Path | None = None
     show_progress: bool = True
     early_stopping: bool = True  # fine-tuning stops when the dev loss rises after an epoch (best kept)
+    probe_baseline: bool = True  # compare with a logistic-regression probe on the frozen base encoder
     time_budget_min: float | None = None  # the whole run; fine-tuning stops at 70 %, ramps at 85 %
 
 
@@ -191,6 +192,23 @@ def run_training(settings: TrainSettings) -> TrainReport:
     test_logits = _logits(model, test, "evaluate (test)", settings)
     test_eval = evaluate(test_logits, test, (chosen.criterion, chosen.speed))
     t = lap("evaluate", t)
+    comparison = None
+    if settings.probe_baseline:
+        from model_store.training.probe import compare_with_probe
+
+        base = EarlyExitClassifier.from_pretrained_encoder(base_dir, len(splits.labels))
+        base.pair_separator_id = separator
+        comparison = compare_with_probe(
+            base,
+            train,
+            dev,
+            test,
+            dev_logits,
+            test_logits,
+            len(splits.labels),
+            settings.budget.inference_batch_size,
+        )
+        t = lap("probe baseline", t)
 
     store = ModelStore(settings.store)
     encoder_config = model.encoder.config
@@ -220,6 +238,7 @@ def run_training(settings: TrainSettings) -> TrainReport:
                 "stages": {name: dataclasses.asdict(stats) for name, stats in result.stages.items()},
                 "split_sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
                 "test_evaluation": test_eval,
+                "probe_comparison": comparison,
             }
         ),
     )
@@ -269,9 +288,49 @@ def format_report(report: TrainReport, all_speeds: bool = False) -> str:
             f"| {p['criterion']}{mark} | {p['speed']:.2f} | {100 * acc['all']:.2f} | "
             f"{p['mean_exit_layer']:.2f} | " + " | ".join(f"{100 * acc[g]:.2f}" for g in groups) + " |"
         )
+    comparison = getattr(report.manifest.provenance, "probe_comparison", None)
+    if comparison:
+        from model_store.training.probe import format_comparison
+
+        lines += ["", "against a logistic-regression probe on the frozen base encoder (test split):", ""]
+        lines.append(format_comparison(comparison))
     if report.timings_s:
         lines += ["", "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items())]
     return "\n".join(lines)
+
+
+def probe_report(
+    store_dir: Path,
+    name: str,
+    version: str | None,
+    base: str = MINILM,
+    data: str = "spamassassin",
+    cache_dir: Path = Path(".cache"),
+    batch_size: int = 32,
+) -> str:
+    """A saved version against the frozen-feature probe at each mean-exit budget (``training.probe``),
+    as markdown; for versions trained before the comparison became part of training."""
+    from model_store.training.probe import compare_with_probe, format_comparison
+
+    loaded = ModelStore(store_dir).load(name, version)
+    manifest = loaded.manifest
+    splits = load_data(data, cache_dir)
+    if list(splits.labels) != list(manifest.labels):
+        raise ValueError(f"data labels {splits.labels} differ from the model's {manifest.labels}")
+    train, dev, test = (
+        tokenize_examples(loaded.tokenizer, s, splits.labels, manifest.max_seq_length)
+        for s in (splits.train, splits.dev, splits.test)
+    )
+    dev_logits = collect_ramp_logits(loaded.model, dev, batch_size)
+    test_logits = collect_ramp_logits(loaded.model, test, batch_size)
+    base_model = EarlyExitClassifier.from_pretrained_encoder(resolve_base(base), len(splits.labels))
+    base_model.pair_separator_id = loaded.model.pair_separator_id
+    comparison = compare_with_probe(
+        base_model, train, dev, test, dev_logits, test_logits, len(splits.labels), batch_size
+    )
+    return f"{name} version {manifest.version} against the frozen probe ({base}):\n\n" + format_comparison(
+        comparison
+    )
 
 
 def recalibrate(

@@ -89,6 +89,9 @@ def test_train_uses_every_row_and_picks_the_length_from_the_data(
     stages = provenance["stages"]
     assert stages["fine-tune"]["num_rows_seen"] >= 120  # 150 rows, 80 % train, at least one epoch
     assert provenance["early_stopping"] is True and provenance["time_budget_min"] == 5
+    comparison = provenance["probe_comparison"]  # the frozen-feature baseline, next to the model
+    assert [row["budget"] for row in comparison["budgets"]] == [1.0, 1.25, 1.5, 2.0]
+    assert len(comparison["probe_per_layer_test_accuracy"]) == 2
 
 
 def test_help_states_every_default(capsys: pytest.CaptureFixture[str]) -> None:
