@@ -93,6 +93,7 @@ def train_loop(
     order = torch.randperm(num_rows, generator=generator)
     position = 0
     stopped: str | None = None
+    num_done = 0
     dev_losses: list[float] = []
     best: list[torch.Tensor] | None = None
     with tqdm(total=num_steps, desc=desc, unit="step", disable=not show_progress, leave=True) as bar:
@@ -120,6 +121,7 @@ def train_loop(
             optimizer.step()
             scheduler.step()
             num_rows_seen += len(rows)
+            num_done = step + 1
             value = float(loss.detach())
             smoothed = value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * value
             if step == 0:
@@ -135,17 +137,16 @@ def train_loop(
     if stopped is None and dev_loss is not None and dev_losses:  # else one epoch: nothing to compare
         dev_losses.append(_evaluate(modules, dev_loss))
         if len(dev_losses) > 1 and dev_losses[-1] > min(dev_losses[:-1]):
-            stopped = "dev loss rose"
-    if stopped == "dev loss rose" and best is not None:
+            stopped = "dev loss rose after the last epoch"
+    if stopped is not None and stopped.startswith("dev loss rose") and best is not None:
         with torch.no_grad():
             for p, saved in zip(params, best, strict=True):
                 p.copy_(saved)
     for module in modules:
         module.eval()
     return LoopStats(
-        step + 1 if stopped is None else step, num_rows_seen, time.perf_counter() - start_s, first, smoothed,
-        stopped, tuple(dev_losses),
-    )  # fmt: skip
+        num_done, num_rows_seen, time.perf_counter() - start_s, first, smoothed, stopped, tuple(dev_losses)
+    )
 
 
 def _evaluate(modules: list[nn.Module], dev_loss: Callable[[], float]) -> float:
