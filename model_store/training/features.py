@@ -125,7 +125,6 @@ def collect_ramp_logits(
     return out
 
 
-@torch.inference_mode()
 def collect_pooled_features(
     model: EarlyExitClassifier, data: TokenizedSet, batch_size: int = 32, progress: tqdm | None = None
 ) -> torch.Tensor:
@@ -134,19 +133,7 @@ def collect_pooled_features(
     Ramps pool first, so on a frozen backbone a ramp's output depends only on these vectors: ramp
     training then needs no encoder pass per step (see ``ramp_head``).
     """
-    model.eval()
-    out = torch.empty(len(data), model.num_layers, model.encoder.config.hidden_size)
-    for rows in length_sorted_batches(data, batch_size):
-        ids, mask = data.batch(rows)
-        hidden = model.embed(ids, mask)
-        pooled = []
-        for layer in range(1, model.num_layers + 1):
-            hidden = model.run_layer(layer, hidden, mask)
-            pooled.append(masked_mean(hidden, mask))
-        out[rows] = torch.stack(pooled, dim=1).float()
-        if progress is not None:
-            progress.update(len(rows))
-    return out
+    return collect_pooled_and_final_logits(model, data, batch_size, progress)[0]
 
 
 @torch.inference_mode()

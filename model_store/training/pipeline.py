@@ -26,7 +26,7 @@ from model_store.criteria import Criterion
 from model_store.data import DataSplits, load_data
 from model_store.early_exit import EarlyExitClassifier
 from model_store.manifest import CalibrationTable, Manifest, Provenance, RampSpec
-from model_store.store import ModelStore
+from model_store.store import LoadedModel, ModelStore
 from model_store.training.features import (
     TokenizedSet,
     choose_max_seq_length,
@@ -299,6 +299,18 @@ def format_report(report: TrainReport, all_speeds: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _load_with_data(
+    store_dir: Path, name: str, version: str | None, data: str, cache_dir: Path
+) -> tuple[ModelStore, LoadedModel, DataSplits]:
+    """A saved version and the data it was made from (its labels must be the model's)."""
+    store = ModelStore(store_dir)
+    loaded = store.load(name, version)
+    splits = load_data(data, cache_dir)
+    if list(splits.labels) != list(loaded.manifest.labels):
+        raise ValueError(f"data labels {splits.labels} differ from the model's {loaded.manifest.labels}")
+    return store, loaded, splits
+
+
 def probe_report(
     store_dir: Path,
     name: str,
@@ -312,11 +324,8 @@ def probe_report(
     as markdown; for versions trained before the comparison became part of training."""
     from model_store.training.probe import compare_with_probe, format_comparison
 
-    loaded = ModelStore(store_dir).load(name, version)
+    _, loaded, splits = _load_with_data(store_dir, name, version, data, cache_dir)
     manifest = loaded.manifest
-    splits = load_data(data, cache_dir)
-    if list(splits.labels) != list(manifest.labels):
-        raise ValueError(f"data labels {splits.labels} differ from the model's {manifest.labels}")
     train, dev, test = (
         tokenize_examples(loaded.tokenizer, s, splits.labels, manifest.max_seq_length)
         for s in (splits.train, splits.dev, splits.test)
@@ -347,12 +356,8 @@ def recalibrate(
     Weights and tokenizer are copied as they are; the table, the default criterion and speed are
     measured again (e.g. after the calibration format gained a column, or on fresher data).
     """
-    store = ModelStore(store_dir)
-    loaded = store.load(name, version)
+    store, loaded, splits = _load_with_data(store_dir, name, version, data, cache_dir)
     manifest = loaded.manifest
-    splits = load_data(data, cache_dir)
-    if list(splits.labels) != list(manifest.labels):
-        raise ValueError(f"data labels {splits.labels} differ from the model's {manifest.labels}")
     dev = tokenize_examples(loaded.tokenizer, splits.dev, splits.labels, manifest.max_seq_length)
     with tqdm(total=len(dev), desc="calibrate (dev)", unit="row", disable=not show_progress) as bar:
         dev_logits = collect_ramp_logits(loaded.model, dev, batch_size, progress=bar)
@@ -387,14 +392,10 @@ def quantize_version(
     dev split and evaluated on the test split with its int8 encoder, since its exits shift."""
     from model_store.quantize import quantize_encoder
 
-    store = ModelStore(store_dir)
-    source = store.load(name, version)
+    store, source, splits = _load_with_data(store_dir, name, version, data, cache_dir)
     manifest = source.manifest
     if manifest.quantization != "none":
         raise ValueError(f"{name} version {manifest.version} is already {manifest.quantization}")
-    splits = load_data(data, cache_dir)
-    if list(splits.labels) != list(manifest.labels):
-        raise ValueError(f"data labels {splits.labels} differ from the model's {manifest.labels}")
     quantized = quantize_encoder(copy.deepcopy(source.model))
     dev, test = (
         tokenize_examples(source.tokenizer, s, splits.labels, manifest.max_seq_length)
