@@ -98,7 +98,7 @@ def choose_max_seq_length(
     """The 95th percentile of the token lengths (special tokens included), rounded up to 8, in
     [16, limit]."""
     sample = texts[:: max(1, len(texts) // 2000)]
-    lengths = sorted(len(ids) for ids in tokenizer(sample, truncation=False)["input_ids"])
+    lengths = sorted(len(ids) for ids in tokenizer(sample, truncation=False, verbose=False)["input_ids"])
     p95 = lengths[min(len(lengths) - 1, math.ceil(LENGTH_PERCENTILE * len(lengths)) - 1)]
     return max(min(MIN_SEQ_LENGTH, limit), min(limit, 8 * math.ceil(p95 / 8)))
 
