@@ -13,7 +13,8 @@ not depend on the weights), at 128 tokens per row, for float16 and bfloat16, eag
 * engine efficiency = early-exit rows/s / (best full-depth rows/s at that batch x L / mean exit layers);
 * batch-1 full-depth latency.
 
-Prints a markdown table and writes JSON (``--out``). Sized to finish in a few minutes on an H100/H200.
+Prints a markdown table and writes JSON (``--out``). Sized to finish in a few minutes on an H100/H200
+(an estimate: not yet run on one).
 """
 
 from __future__ import annotations

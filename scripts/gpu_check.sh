@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one call on the device machine (prepared here with `python scripts/gpu_bundle.py`):
-# the GPU tests (tests/gpu) and the engine-efficiency benchmark, about 6-8 minutes on an H100/H200.
+# the GPU tests (tests/gpu) and the engine-efficiency benchmark, sized (not yet measured) to stay within 8 minutes on an H100/H200.
 # Everything it prints also goes to $OUT (or ./gpu-out) so it comes back.
 set -uo pipefail
 BUNDLE=carry/gpu
