@@ -2,8 +2,9 @@
 
 Why: below ~64 rows a transformer layer on a GPU costs about as much as at 64 (one BERT-base layer at 128
 tokens on an H100: 0.30 ms at batch 1, 0.42 ms at 64, eager fp16, as issue 13 records it; not re-measured
-here), because the host launches ~60 kernels per step one by one. Early exit makes batches shrink layer by layer, so most steps live there. Replaying a
-captured graph launches the whole step (layer, ramp, exit decision, packing) at once.
+here), because the host launches ~60 kernels per step one by one. Early exit makes batches shrink layer
+by layer, so most steps live there. Replaying a captured graph launches the whole step (layer, ramp, exit
+decision, packing) at once.
 
 How: at start-up, for every layer and every bucket the settings allow (row counts up to
 ``max_batch_size``, sequence lengths up to the model's ``max_seq_length``), ``compute_step`` is captured

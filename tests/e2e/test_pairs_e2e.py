@@ -110,6 +110,8 @@ def test_pair_model_served_over_http(pair_store: Path, tmp_path: Path, frontends
         assert outputs["label"] == [labels[r.label_index] for r in want]
         one = {"inputs": v2["inputs"][:1], "parameters": {"speed": 0.0}}  # type: ignore[index]
         assert httpx.post(f"{url}/v2/models/pairs/infer", json=one, timeout=30).status_code == 422
+        tei = httpx.post(f"{url}/predict", json={"inputs": "one text"}, timeout=30)  # TEI route: texts only
+        assert tei.status_code == 422 and "pairs" in tei.text
         meta = httpx.get(f"{url}/v2/models/pairs", timeout=10).json()
         assert [t["name"] for t in meta["inputs"]] == ["text", "text_pair"]
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["models"][0]["input_kind"] == "pair"
