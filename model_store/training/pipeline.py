@@ -175,7 +175,10 @@ def run_training(settings: TrainSettings) -> TrainReport:
         settings.recipe, model, train, settings.budget, settings.seed, settings.show_progress, control
     )
     for stage, stats in result.stages.items():
-        if stats.stopped:
+        if stats.stopped == "dev loss rose after the last epoch":
+            logger.info("%s: %d steps; the dev loss rose after the last epoch, so the best epoch's weights "
+                        "were kept", stage, stats.num_steps)  # fmt: skip
+        elif stats.stopped:
             logger.info("%s stopped early after %d steps: %s", stage, stats.num_steps, stats.stopped)
     model = result.model
     model.pair_separator_id = separator
