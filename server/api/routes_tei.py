@@ -35,7 +35,6 @@ from server.api.state import (
     AppState,
     StateDep,
     build_options,
-    check_input_kind,
     check_num_inputs,
     request_start_s,
     timing_headers,
@@ -103,7 +102,6 @@ async def _classify(
     engine = state.require_engine()
     check_num_inputs(len(texts), state.settings)
     info = engine.model_info
-    check_input_kind(texts, info)  # a pair model is served on /v1/classify and v2 only
     options: ClassifyOptions = build_options(knobs, info, state.settings, request_start_s(request))
     if refuse_truncated:
         options = dataclasses.replace(options, refuse_truncated=True)

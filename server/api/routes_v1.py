@@ -21,7 +21,6 @@ from server.api.schemas import (
 from server.api.state import (
     StateDep,
     build_options,
-    check_input_kind,
     check_num_inputs,
     request_start_s,
     timing_headers,
@@ -108,7 +107,6 @@ async def classify(body: ClassifyRequest, request: Request, state: StateDep) -> 
     texts = body.texts
     check_num_inputs(len(texts), state.settings)
     info = engine.model_info
-    check_input_kind(texts, info)
     options = build_options(body, info, state.settings, request_start_s(request))
     result = await engine.classify(texts, options, wait_disconnect=request.receive)
     # Serialised here, once: returned as a model, FastAPI would validate it against the response model

@@ -42,7 +42,6 @@ from server.api.state import (
     AppState,
     StateDep,
     build_options,
-    check_input_kind,
     check_num_inputs,
     request_start_s,
     timing_headers,
@@ -348,7 +347,6 @@ async def _infer(state: AppState, info: ModelInfo, request: Request) -> Response
     body, binary = await _read_infer_request(request)
     texts = _inputs_of(body.inputs, binary)
     check_num_inputs(len(texts), state.settings, "inputs[0].data")
-    check_input_kind(texts, info, "inputs")
     options = build_options(_options_of(body.parameters), info, state.settings, request_start_s(request))
     output_names = _output_names(body.outputs, info, options.best_effort)
     if body.outputs is None:  # binary_data_output: every output in binary

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
@@ -107,21 +107,6 @@ def check_num_inputs(num_inputs: int, settings: Settings, field_name: str = "inp
     if num_inputs > settings.max_inputs_per_request:
         raise PayloadTooLargeError(
             f"{field_name} holds {num_inputs} texts; at most {settings.max_inputs_per_request} per request"
-        )
-
-
-def check_input_kind(inputs: Sequence[object], info: ModelInfo, field_name: str = "inputs") -> None:
-    """A pair sent to a single-text model, or a text to a pair model, is refused (422)."""
-    pairs = bool(inputs) and isinstance(inputs[0], tuple)
-    if pairs and info.input_kind != "pair":
-        raise InvalidRequestError(
-            f"{field_name} holds [text, text_pair] pairs, but model {info.name!r} takes single texts",
-            field=field_name,
-        )
-    if not pairs and info.input_kind == "pair":
-        raise InvalidRequestError(
-            f"model {info.name!r} takes [text, text_pair] pairs; {field_name} holds single texts",
-            field=field_name,
         )
 
 

@@ -194,6 +194,7 @@ class EngineClient:
                 f"{len(texts)} inputs exceed the limit of {self.config.max_inputs_per_request} per request"
             )
         info = self._info
+        _check_input_kind(texts, info)
         max_layers = options.max_layers
         if max_layers is not None and max_layers < 1:
             raise InvalidRequestError("max_layers must be at least 1", field="max_layers")
@@ -439,3 +440,17 @@ def _error_of(failed: Failed) -> EngineError:
         return QueueFullError(failed.message, retry_after_s=failed.retry_after_s, reason=failed.reason)
     cls = _ERROR_KINDS.get(failed.kind, errors.BatchFailedError)
     return cls(failed.message)
+
+
+def _check_input_kind(inputs: Inputs, info: ModelInfo) -> None:
+    """A pair sent to a single-text model, or a text to a pair model, is refused (422) on every route."""
+    pairs = bool(inputs) and isinstance(inputs[0], tuple)
+    if pairs and info.input_kind != "pair":
+        raise InvalidRequestError(
+            f"inputs holds [text, text_pair] pairs, but model {info.name!r} takes single texts",
+            field="inputs",
+        )
+    if not pairs and info.input_kind == "pair":
+        raise InvalidRequestError(
+            f"model {info.name!r} takes [text, text_pair] pairs; inputs holds single texts", field="inputs"
+        )
