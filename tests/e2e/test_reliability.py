@@ -95,8 +95,16 @@ def test_overload_at_twice_capacity_keeps_goodput_and_loses_nothing(tmp_path: Pa
     save_tiny_store(tmp_path / "store", num_layers=6, hidden_size=256, max_seq_length=128)
     # The defaults, but for the number of front ends.
     server = start_server(tmp_path / "store", tmp_path / "server.log", frontends=frontends)
+    # The recovery load is half the capacity measured before (the benchmark uses 0.7): this 2-core CI
+    # machine is shared, and a neighbour's burst can halve the capacity for a second; at 0.7 that alone
+    # is an overload, which is not what the recovery check is about (the overload's backlog clearing).
     options = OverloadOptions(
-        factors=(2.0,), deadline_modes=(DEADLINE_MS, None), duration_s=6.0, capacity_s=4.0, recovery_s=3.0
+        factors=(2.0,),
+        deadline_modes=(DEADLINE_MS, None),
+        duration_s=6.0,
+        capacity_s=4.0,
+        recovery_s=3.0,
+        recovery_factor=0.5,
     )
     try:
         figures = asyncio.run(measure(options, server.base_url, TEXTS))
