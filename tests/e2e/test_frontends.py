@@ -165,20 +165,31 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
     try:
         core_pid = _core_pid(running, 1)
 
-        async def scenario() -> tuple[list[httpx.Response], float]:
+        async def scenario() -> tuple[list[tuple[httpx.Response, float]], float]:
             async with httpx.AsyncClient(base_url=running.base_url, timeout=30) as client:
                 job = {"inputs": ["word " * 120] * 32, "speed": 0.0}
-                tasks = [asyncio.create_task(client.post("/v1/classify", json=job)) for _ in range(6)]
+
+                async def post() -> tuple[httpx.Response, float]:
+                    response = await client.post("/v1/classify", json=job)
+                    return response, time.monotonic()
+
+                tasks = [asyncio.create_task(post()) for _ in range(6)]
                 await asyncio.sleep(0.5)  # admitted and computing
                 assert core_pid is not None
-                os.kill(core_pid, signal.SIGKILL)
                 killed_s = time.monotonic()
-                responses = await asyncio.gather(*tasks)
-                return responses, time.monotonic() - killed_s
+                os.kill(core_pid, signal.SIGKILL)
+                answered = await asyncio.gather(*tasks)
+                return [(r, at_s - killed_s) for r, at_s in answered], time.monotonic() - killed_s
 
-        responses, answered_after_s = asyncio.run(scenario())
-        assert [r.status_code for r in responses] == [503] * 6, [r.text for r in responses]
-        assert all(r.json()["error"]["type"] == "not_ready" for r in responses)
+        answered, answered_after_s = asyncio.run(scenario())
+        # A request answered before the kill (a quiet machine computes one in under 0.5 s) is a 200, and
+        # so may be one whose reply was on its way then (read by the client a few ms later); every
+        # request still in flight at the kill is a 503 "not ready", and most of them were.
+        in_flight = [r for r, after_s in answered if after_s >= 0.05]
+        assert len(in_flight) >= 4, [(r.status_code, after_s) for r, after_s in answered]
+        assert [r.status_code for r in in_flight] == [503] * len(in_flight), [r.text for r in in_flight]
+        assert all(r.json()["error"]["type"] == "not_ready" for r in in_flight)
+        assert all(r.status_code in (200, 503) for r, _ in answered)
         assert answered_after_s < 1.0  # at once: not after the new core has loaded
         give_up_s = time.monotonic() + 60
         while httpx.get(f"{running.base_url}/readyz").status_code != 200:
