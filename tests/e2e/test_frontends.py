@@ -112,25 +112,31 @@ def test_unreachable_deadline_gets_504_at_once(heavy: ServerProcess) -> None:
 
 
 def test_deadline_passing_in_the_queue_gets_504_and_drops_the_rows(heavy: ServerProcess) -> None:
-    async def scenario() -> list[httpx.Response]:
+    async def scenario() -> tuple[httpx.Response, httpx.Response, float]:
         async with httpx.AsyncClient(base_url=heavy.base_url, timeout=60) as client:
             blocker = asyncio.create_task(
                 client.post("/v1/classify", json={"inputs": ["word " * 120] * 48, "speed": 0.0})
             )
             await asyncio.sleep(0.3)  # the blocker's rows hold the engine
+            started = time.monotonic()
             late = await client.post(
                 "/v1/classify", json={"inputs": ["word " * 120] * 4, "speed": 0.0, "deadline_ms": 400}
             )
-            return [await blocker, late]
+            return await blocker, late, time.monotonic() - started
 
     before = _metrics(heavy)
-    blocker, late = asyncio.run(scenario())
+    blocker, late, late_s = asyncio.run(scenario())
     assert blocker.status_code == 200
-    # Refused at admission (429: it would be late) or dropped when its deadline passed (504); never a
-    # late 200.
-    assert late.status_code in (429, 504), late.text
-    after = _metrics(heavy)
-    assert _metric(after, "exitserve_rows_total") - _metric(before, "exitserve_rows_total") == 48
+    rows = _metric(_metrics(heavy), "exitserve_rows_total") - _metric(before, "exitserve_rows_total")
+    # Refused at admission (429: it would be late) or dropped when its deadline passed (504), its rows
+    # not counted; or, on a quiet machine where the deadline-first schedule fits it in between the
+    # blocker's steps, answered within its deadline. Never a late 200.
+    if late.status_code == 200:
+        assert late_s <= 0.4 + 0.1, late_s  # the deadline, plus the client's own send and read
+        assert rows == 48 + 4
+    else:
+        assert late.status_code in (429, 504), late.text
+        assert rows == 48
 
 
 def test_disconnected_client_rows_are_dropped(heavy: ServerProcess) -> None:
