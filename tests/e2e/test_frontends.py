@@ -191,11 +191,13 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
         # A request answered before the kill (a quiet machine computes one in under 0.5 s) is a 200, and
         # so may be one whose reply was on its way then (read by the client a few ms later); every
         # request still in flight at the kill is a 503 "not ready", and most of them were.
-        in_flight = [r for r, after_s in answered if after_s >= 0.05]
-        assert len(in_flight) >= 4, [(r.status_code, after_s) for r, after_s in answered]
-        assert [r.status_code for r in in_flight] == [503] * len(in_flight), [r.text for r in in_flight]
-        assert all(r.json()["error"]["type"] == "not_ready" for r in in_flight)
-        assert all(r.status_code in (200, 503) for r, _ in answered)
+        for r, after_s in answered:
+            if r.status_code == 200:
+                assert after_s < 0.05, after_s
+            else:
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["type"] == "not_ready"
+        assert sum(r.status_code == 503 for r, _ in answered) >= 4, [(r.status_code, t) for r, t in answered]
         assert answered_after_s < 1.0  # at once: not after the new core has loaded
         give_up_s = time.monotonic() + 60
         while httpx.get(f"{running.base_url}/readyz").status_code != 200:
