@@ -38,6 +38,12 @@ __all__ = [
 ]
 
 
+NORMALIZED_ENTROPY_CODE = CRITERION_CODES[Criterion.NORMALIZED_ENTROPY]
+ENTROPY_CODE = CRITERION_CODES[Criterion.ENTROPY]
+MAX_PROB_CODE = CRITERION_CODES[Criterion.MAX_PROB]
+PATIENCE_CODE = CRITERION_CODES[Criterion.PATIENCE]
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats of softmax(logits), per row. ``(rows, labels) -> (rows,)``."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -90,15 +96,31 @@ def decide_exits(
     criterion_codes: torch.Tensor,
     thresholds: torch.Tensor,
     patience: PatienceState,
+    *,
+    only_code: int | None = None,
 ) -> tuple[torch.Tensor, PatienceState]:
     """Per-row exit decision after one ramp.
 
     ``criterion_codes`` (long) and ``thresholds`` (float) hold one value per row. Returns a bool tensor
     (True = this row leaves now) and the updated patience state. No host synchronisation.
+
+    ``only_code``: the caller knows every row has this criterion, so only it is evaluated (the same
+    operations, so the same decisions); the patience state is then updated only for patience, since no
+    other criterion reads it.
     """
+    thresholds = thresholds.to(torch.float32)
+    if only_code is not None:
+        if only_code == PATIENCE_CODE:
+            patience = update_patience(patience, logits.argmax(dim=-1))
+            return patience.num_agreeing >= thresholds + 1, patience
+        if only_code == MAX_PROB_CODE:
+            return max_prob(logits) >= thresholds, patience
+        ent = entropy(logits)
+        if only_code == NORMALIZED_ENTROPY_CODE:
+            return ent / math.log(logits.shape[-1]) < thresholds, patience
+        return ent < thresholds, patience
     labels = logits.argmax(dim=-1)
     patience = update_patience(patience, labels)
-    thresholds = thresholds.to(torch.float32)
     ent = entropy(logits)
     by_code = torch.stack(
         [

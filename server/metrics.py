@@ -319,13 +319,16 @@ class ServerMetrics:
         self._layers_run.inc(num_rows)
         self._rows_per_layer.labels(self.model, str(layer)).inc(num_rows)
 
-    def row_exited(self, exit_layer: int, num_layers: int) -> None:
+    def row_exited(self, exit_layer: int, num_layers: int, num_rows: int = 1) -> None:
+        """``num_rows`` rows left at ``exit_layer`` (the core reports a step's exits per layer at once)."""
         if self._exit_layer is None:  # reports before bind_model: bind from what the engine says
             self.bind_model(num_layers)
         assert self._exit_layer is not None
-        self._exit_layer.labels(self.model).observe(exit_layer)
-        self._layers_saved.inc(num_layers - exit_layer)
-        self._rows.inc()
+        histogram = self._exit_layer.labels(self.model)
+        for _ in range(num_rows):
+            histogram.observe(exit_layer)
+        self._layers_saved.inc((num_layers - exit_layer) * num_rows)
+        self._rows.inc(num_rows)
 
     def batch_failed(self, num_requests: int) -> None:
         self._batch_failures.inc()

@@ -136,14 +136,20 @@ class DepthModel:
         """Replace what was learned with ``entries`` (a front end's copy of the core's table)."""
         self._mean = {(code, threshold, max_layers): mean for code, threshold, max_layers, mean in entries}
 
-    def observe(self, criterion_code: int, threshold: float, max_layers: int, num_layers_run: int) -> None:
+    def observe(
+        self, criterion_code: int, threshold: float, max_layers: int, num_layers_run: int, num_rows: int = 1
+    ) -> None:
+        """``num_rows`` rows of this policy ran ``num_layers_run`` layers: the same mean as observing
+        each in turn (the first sets it, each further one moves it by ``alpha``)."""
         key = self._key(criterion_code, threshold, max_layers)
         mean = self._mean.get(key)
         if mean is None:
-            if len(self._mean) < MAX_POLICIES:
-                self._mean[key] = float(num_layers_run)
-            return
-        self._mean[key] = mean + self._alpha * (num_layers_run - mean)
+            if len(self._mean) >= MAX_POLICIES:
+                return
+            mean, num_rows = float(num_layers_run), num_rows - 1
+        if num_rows > 0:
+            mean += (1.0 - (1.0 - self._alpha) ** num_rows) * (num_layers_run - mean)
+        self._mean[key] = mean
 
 
 @dataclass(frozen=True)

@@ -365,37 +365,49 @@ class EngineCore:
                 self._fail(live, BatchFailedError("internal error while computing the batch"))
 
     def _finish_rows(self, finished: list[tuple[RowSpec, RowExit]]) -> None:
-        num_layers = self._manifest.num_layers
+        """Record the rows that left; answer every request whose last row this was. One pass, with the
+        clock read and the exit metrics reported once per call, not per row."""
+        if not finished:
+            return
+        owners = self._row_owner
+        sampling = self.shadow.sampling
+        exits_at: dict[int, int] = {}
+        now_s = self._clock()
         for row, row_exit in finished:
             if row.shadow:
                 self.shadow.finished(row, row_exit)
                 continue
-            self._observer.row_exited(row_exit.exit_layer, num_layers)
-            owner = self._row_owner.pop(row.row_id, None)
+            layer = row_exit.exit_layer
+            exits_at[layer] = exits_at.get(layer, 0) + 1
+            owner = owners.pop(row.row_id, None)
             if owner is None:
                 continue
             live, index = owner
             live.outcomes[index] = (
                 row_exit.label_index,
                 list(row_exit.probs),
-                row_exit.exit_layer,
+                layer,
                 row_exit.deadline_exit,
             )
-            if not row_exit.deadline_exit:  # the guard checks the exit policy, not the deadline's cut
+            if sampling and not row_exit.deadline_exit:  # the guard checks the policy, not the deadline cut
                 message = live.message
                 speed = message.speed if live.level is None else live.level.speed
                 self.shadow.offer(self._scheduler, row, row_exit, speed, message.speed_is_default)
             if len(live.outcomes) == len(live.row_ids):
-                self._complete(live)
+                self._complete(live, now_s)
+        num_layers = self._manifest.num_layers
+        for layer, num_rows in exits_at.items():
+            self._observer.row_exited(layer, num_layers, num_rows)
+        self._observer.inflight(len(self._live), len(owners))
 
-    def _complete(self, live: _Live) -> None:
-        now_s = self._clock()
+    def _complete(self, live: _Live, now_s: float) -> None:
         self._scheduler.service.observe_answer(live.predicted_answer_s, now_s - live.admitted_s)
         started_s = live.first_step_s if live.first_step_s is not None else now_s
+        outcomes = live.outcomes
         self._outbox_of(live.identity).finished.append(
             Finished(
                 request_id=live.request_id,
-                rows=[live.outcomes[i] for i in range(len(live.row_ids))],
+                rows=[outcomes[0]] if len(outcomes) == 1 else [outcomes[i] for i in range(len(outcomes))],
                 queue_time_s=started_s - live.admitted_s,
                 inference_time_s=now_s - started_s,
                 degraded=None
@@ -403,7 +415,8 @@ class EngineCore:
                 else (live.level.criterion_code, live.level.speed, live.level.drop_pts),
             )
         )
-        self._forget(live)
+        self._live.pop((live.identity, live.request_id), None)
+        self._by_internal.pop(live.internal_id, None)  # its rows have all left the owner table
 
     def _fail(self, live: _Live, error: EngineError) -> None:
         self._reply_failed(live.identity, live.request_id, error)

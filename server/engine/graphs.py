@@ -33,7 +33,7 @@ import torch
 
 from model_store.criteria import PatienceState
 from model_store.early_exit import EarlyExitClassifier
-from server.engine.step_kernel import StepTensors, compute_step
+from server.engine.step_kernel import PACKED_HEAD, StepTensors, compute_step
 
 MIN_SEQ_BUCKET = 16
 
@@ -248,7 +248,9 @@ class GraphedSteps:
                 last_label=longs(-1),
                 num_agreeing=longs(0),
                 out_hidden=torch.zeros((rows, seq, hidden_size), dtype=self.dtype, device=d),
-                out_packed=torch.zeros((rows, 1 + self.model.num_labels), dtype=torch.float32, device=d),
+                out_packed=torch.zeros(
+                    (rows, PACKED_HEAD + self.model.num_labels), dtype=torch.float32, device=d
+                ),
                 out_last_label=longs(-1),
                 out_num_agreeing=longs(0),
             )

@@ -22,6 +22,7 @@ layer steps up to ``max_batch_size`` rows replay captured graphs (``server/engin
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,10 @@ class _CohortTensors:
     thresholds: torch.Tensor
     max_layers: torch.Tensor
     patience: PatienceState
+    # Host-side facts that save device work (``compute_step``). Taking rows out of a cohort keeps both as
+    # they are: a superset of the codes and a lower bound of the caps stay true of any subset.
+    codes: frozenset[int]  # the criterion codes of the rows
+    min_max_layers: int  # the smallest ``max_layers`` of the rows
 
     def select(self, positions: list[int], index: torch.Tensor, mask_optional: bool = True) -> _CohortTensors:
         """The rows at ``positions`` (``index`` holds them on the device), padding trimmed. The layer mask
@@ -70,6 +75,8 @@ class _CohortTensors:
             thresholds=self.thresholds.index_select(0, index),
             max_layers=self.max_layers.index_select(0, index),
             patience=self.patience.select(index),
+            codes=self.codes,
+            min_max_layers=self.min_max_layers,
         )
 
     @staticmethod
@@ -89,6 +96,8 @@ class _CohortTensors:
             thresholds=torch.cat([p.thresholds for p in parts]),
             max_layers=torch.cat([p.max_layers for p in parts]),
             patience=PatienceState.concat([p.patience for p in parts]),
+            codes=frozenset().union(*(p.codes for p in parts)),
+            min_max_layers=min(p.min_max_layers for p in parts),
         )
 
 
@@ -167,18 +176,14 @@ class Runner:
         step = self._compute(plan.layer, batch)
         rows = self._fetch(step.packed)
 
-        exited: list[RowExit] = []
-        keep: list[int] = []
-        kept_probs: list[tuple[float, ...]] = []
-        for position, row in enumerate(rows):
-            if row[0] > 0.5:
-                row_probs = tuple(row[1:])
-                label_index = max(range(len(row_probs)), key=row_probs.__getitem__)
-                exited.append(RowExit(batch.row_ids[position], label_index, row_probs, plan.layer))
-            else:
-                keep.append(position)
-                if plan.keep_probs:
-                    kept_probs.append(tuple(row[1:]))
+        layer, batch_rows = plan.layer, batch.row_ids
+        keep: list[int] = [p for p, row in enumerate(rows) if row[0] < 0.5]
+        exited = [
+            RowExit(r, int(row[1]), tuple(row[2:]), layer)
+            for r, row in zip(batch_rows, rows, strict=True)
+            if not keep or row[0] >= 0.5  # nobody kept: everybody leaves (always at the last layer)
+        ]
+        kept_probs = [tuple(rows[p][2:]) for p in keep] if plan.keep_probs else []
         if keep:
             batch.hidden, batch.patience = step.hidden, step.patience
             # Nobody left: the cohort goes on as it is, no copy.
@@ -187,6 +192,7 @@ class Runner:
             exited=tuple(exited),
             survivors=tuple(batch.row_ids[p] for p in keep),
             num_padded_tokens=int(batch.mask.shape[0] * batch.mask.shape[1]),
+            num_real_tokens=sum(batch.lengths),
             survivor_probs=tuple(kept_probs),
         )
 
@@ -203,6 +209,8 @@ class Runner:
         return compute_step(
             self.model, layer, batch.hidden, batch.layer_mask, batch.mask, batch.criterion_codes,
             batch.thresholds, batch.max_layers, batch.patience,
+            only_code=next(iter(batch.codes)) if len(batch.codes) == 1 else None,
+            capped=batch.min_max_layers <= layer,
         )  # fmt: skip
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
@@ -230,24 +238,34 @@ class Runner:
         return cohort.select(positions, index, self.model.adapter.mask_optional)
 
     def _embed(self, rows: list[RowSpec]) -> _CohortTensors:
-        """The step's new rows as tensors. Token ids, lengths and exit policy travel in one buffer
-        (thresholds as the bits of a float64), built by one call from Python lists: one copy to the
-        device."""
+        """The step's new rows as tensors. Token ids (padded), then lengths, criterion codes, caps and
+        thresholds (the bits of float64s) travel in one flat int64 buffer, filled by C-level extends
+        rather than a tensor built from nested lists: one copy to the device."""
+        num_rows = len(rows)
         lengths = [r.num_tokens for r in rows]
         longest = max(lengths)
-        pad = (self.pad_token_id,)
-        host = torch.tensor(
-            [
-                r.token_ids + pad * (longest - n) + (n, r.criterion_code, r.max_layers, 0)
-                for r, n in zip(rows, lengths, strict=True)
-            ],
-            dtype=torch.long,
-        )
-        host[:, longest + 3] = torch.tensor([r.threshold for r in rows], dtype=torch.float64).view(torch.long)
-        packed = self._to_device(host)
-        ids = packed[:, :longest]
-        device = self.device
-        mask = (torch.arange(longest, device=device) < packed[:, longest : longest + 1]).long()
+        buffer = array("q")
+        if min(lengths) == longest:
+            for row in rows:
+                buffer.extend(row.token_ids)
+        else:
+            pad = array("q", (self.pad_token_id,)) * longest
+            for row, n in zip(rows, lengths, strict=True):
+                buffer.extend(row.token_ids)
+                buffer.extend(pad[: longest - n])
+        codes = [r.criterion_code for r in rows]
+        caps = [r.max_layers for r in rows]
+        buffer.extend(lengths)
+        buffer.extend(codes)
+        buffer.extend(caps)
+        buffer.frombytes(array("d", [r.threshold for r in rows]).tobytes())
+        packed = self._to_device(torch.frombuffer(buffer, dtype=torch.long))
+        ids = packed[: num_rows * longest].view(num_rows, longest)
+        meta = packed[num_rows * longest :].view(4, num_rows)
+        if min(lengths) == longest:
+            mask = torch.ones((num_rows, longest), dtype=torch.long, device=self.device)
+        else:
+            mask = (torch.arange(longest, device=self.device) < meta[0].unsqueeze(1)).long()
         hidden = self.model.embed(ids, mask)
         return _CohortTensors(
             row_ids=[r.row_id for r in rows],
@@ -255,10 +273,12 @@ class Runner:
             hidden=hidden,
             mask=mask,
             layer_mask=self.model.layer_mask(mask, hidden.dtype, padded=min(lengths) < longest),
-            criterion_codes=packed[:, longest + 1],
-            thresholds=packed[:, longest + 3].view(torch.float64).to(torch.float32),
-            max_layers=packed[:, longest + 2],
-            patience=PatienceState.initial(len(rows), device=device),
+            criterion_codes=meta[1],
+            thresholds=meta[3].view(torch.float64).to(torch.float32),
+            max_layers=meta[2],
+            patience=PatienceState.initial(num_rows, device=self.device),
+            codes=frozenset(codes),
+            min_max_layers=min(caps),
         )
 
     def _take(self, cohort_id: int, row_ids: tuple[int, ...]) -> _CohortTensors:

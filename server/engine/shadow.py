@@ -56,6 +56,11 @@ class ShadowSampler:
         self.changed = True  # the live curve changed since ``live_guard`` was last read
 
     @property
+    def sampling(self) -> bool:
+        """Whether answered rows may be offered at all (a zero sample fraction: never)."""
+        return self.guard.sample_fraction > 0.0
+
+    @property
     def default_speed(self) -> float:
         return self.adjuster.speed if self.adjuster is not None else self._default_speed
 

@@ -20,8 +20,11 @@ class StepTensors:
     """What one step produces on the device."""
 
     hidden: torch.Tensor  # (rows, seq, hidden): the layer's output, the survivors' next input
-    packed: torch.Tensor  # (rows, 1 + labels) float32: [exit flag, probabilities...], the one transfer
+    packed: torch.Tensor  # (rows, PACKED_HEAD + labels) float32: [exit flag, label, probs...], one transfer
     patience: PatienceState
+
+
+PACKED_HEAD = 2  # columns of ``packed`` before the probabilities: the exit flag and the label index
 
 
 def compute_step(
@@ -34,14 +37,26 @@ def compute_step(
     thresholds: torch.Tensor,
     max_layers: torch.Tensor,
     patience: PatienceState,
+    *,
+    only_code: int | None = None,
+    capped: bool = True,
 ) -> StepTensors:
-    """Run layer ``layer`` (1-based), its ramp (float32) and every row's exit decision."""
+    """Run layer ``layer`` (1-based), its ramp (float32) and every row's exit decision.
+
+    What the host knows of the batch saves device work, never changes a decision: ``only_code`` (every
+    row has this criterion: only it is evaluated, see ``decide_exits``) and ``capped=False`` (no row's
+    ``max_layers`` is reached at this layer). At the model's last layer every row leaves, so nothing is
+    decided there. The captured graphs call it without either (every criterion, every cap)."""
     hidden = model.run_layer_masked(layer, hidden, layer_mask)
-    logits = model.ramp_logits(layer, hidden, mask)
-    exits, patience = decide_exits(logits, criterion_codes, thresholds, patience)
-    exits = exits | (max_layers <= layer)
+    logits = model.ramp_logits(layer, hidden, mask).float()
+    probs = torch.softmax(logits, dim=-1)
     if layer >= model.num_layers:
-        exits = torch.ones_like(exits)
-    probs = torch.softmax(logits.float(), dim=-1)
-    packed = torch.cat([exits.to(probs.dtype).unsqueeze(1), probs], dim=1)
+        flags = torch.ones((probs.shape[0], 1), dtype=probs.dtype, device=probs.device)
+    else:
+        exits, patience = decide_exits(logits, criterion_codes, thresholds, patience, only_code=only_code)
+        if capped:
+            exits = exits | (max_layers <= layer)
+        flags = exits.to(probs.dtype).unsqueeze(1)
+    labels = probs.argmax(dim=-1, keepdim=True).to(probs.dtype)
+    packed = torch.cat([flags, labels, probs], dim=1)
     return StepTensors(hidden, packed, patience)

@@ -132,7 +132,7 @@ class EngineObserver(Protocol):
 
     def layer_step(self, layer: int, num_rows: int, num_tokens: int) -> None: ...
 
-    def row_exited(self, exit_layer: int, num_layers: int) -> None: ...
+    def row_exited(self, exit_layer: int, num_layers: int, num_rows: int = 1) -> None: ...
 
     def batch_failed(self, num_requests: int) -> None: ...
 
@@ -172,7 +172,7 @@ class NullObserver:
     def layer_step(self, layer: int, num_rows: int, num_tokens: int) -> None:
         pass
 
-    def row_exited(self, exit_layer: int, num_layers: int) -> None:
+    def row_exited(self, exit_layer: int, num_layers: int, num_rows: int = 1) -> None:
         pass
 
     def batch_failed(self, num_requests: int) -> None:

@@ -100,3 +100,25 @@ def test_entropy_functions_exact() -> None:
 def test_speed_out_of_range_refused(speed: float) -> None:
     with pytest.raises(ValueError, match="speed"):
         threshold_for(Criterion.NORMALIZED_ENTROPY, speed, 2, 6)
+
+
+@pytest.mark.parametrize("criterion", list(Criterion))
+def test_one_known_criterion_decides_as_the_general_path(criterion: Criterion) -> None:
+    # The serving path evaluates only the criterion every row of a batch shares; over several ramps the
+    # exits (and, for patience, the state) must be those of the path that evaluates all four.
+    generator = torch.Generator().manual_seed(3)
+    rows, code = 64, CRITERION_CODES[criterion]
+    codes = torch.full((rows,), code, dtype=torch.long)
+    thresholds = torch.rand(rows, generator=generator) * (3.0 if criterion is Criterion.PATIENCE else 0.9)
+    general, only = PatienceState.initial(rows), PatienceState.initial(rows)
+    num_exits = 0
+    for _ in range(4):
+        logits = torch.randn(rows, 3, generator=generator) * 3.0
+        expected, general = decide_exits(logits, codes, thresholds, general)
+        exits, only = decide_exits(logits, codes, thresholds, only, only_code=code)
+        assert torch.equal(exits, expected)
+        num_exits += int(exits.sum())
+        if criterion is Criterion.PATIENCE:
+            assert torch.equal(only.num_agreeing, general.num_agreeing)
+            assert torch.equal(only.last_label, general.last_label)
+    assert 0 < num_exits < 4 * rows  # the thresholds split the rows: the comparison is not vacuous
