@@ -12,7 +12,8 @@ both for a ~150-character text and a ~2,000-character email. Reported: requests/
 hello-world, the server's CPU per request (every process of its tree, from /proc), latency.
 
 3. **host time per layer step** (``loadtest/hostcost.py``): the engine core's own Python per step at
-   batch 1, 16 and 64 on the tiny model, kernels excluded;
+   batch 1, 16 and 64, kernels excluded: on the 1-layer tiny model (the batch turns over every step)
+   and on a 3-layer one (a step whose rows are carried from the layer before to the layer after);
 4. **HTTP vs the core alone** on the default model at its default speed with real emails: the engine
    core fed the same token rows directly, in this process (no HTTP, no front end), against the HTTP
    server under wrk with the same emails.
@@ -168,7 +169,7 @@ def front_end_ceiling(
 
 
 def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
-    from loadtest.hostcost import host_step_us
+    from loadtest.hostcost import carried_step_us, host_step_us
     from loadtest.tiny import make_tiny_store
 
     options.out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +181,8 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
         make_tiny_store(tiny_store, "tiny-1layer", max_seq_length=128)
         ceiling = front_end_ceiling(options, tiny_store, texts)
         host = host_step_us(tiny_store, "tiny-1layer", batch_sizes=(1, 16, 64))
+        make_tiny_store(tiny_store, "tiny-3layer", max_seq_length=128, num_layers=3)
+        carried = carried_step_us(tiny_store, "tiny-3layer", batch_sizes=(1, 16, 64))
     document: dict[str, Any] = {
         "started": started,
         "machine": machine,
@@ -192,6 +195,7 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
         },
         "ceiling": ceiling,
         "host_step_us": host,
+        "carried_step_us": carried,
     }
     if not options.skip_default_model and options.emails:
         from loadtest.core_vs_http import core_vs_http
@@ -227,11 +231,15 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {100 * r['vs_hello']:.0f} % | {r['server_cpu_ms_per_request']:.3f} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {r['non_2xx']} |"
         )
-    lines += ["", "**Host time per layer step** (tiny model, CPU; the engine core's schedule + runner "
-              "bookkeeping + update, kernels excluded; median of the timed steps):", "",
-              "| batch | µs per step |", "|---:|---:|"]  # fmt: skip
+    lines += ["", "**Host time per layer step** (tiny models, CPU; the engine core's schedule + runner "
+              "bookkeeping + update + replies encoded, kernels excluded; median of the timed steps). "
+              "*Turnover*: 1-layer model, every row of the step is new and answered in it. *Carried*: "
+              "3-layer model, the step of layer 2, whose rows come from layer 1 and go on to layer 3:", "",
+              "| batch | turnover µs per step | carried µs per step |", "|---:|---:|---:|"]  # fmt: skip
+    carried = document.get("carried_step_us", {})
     for batch, us in document["host_step_us"].items():
-        lines.append(f"| {batch} | {us:.0f} |")
+        other = carried.get(batch)
+        lines.append(f"| {batch} | {us:.0f} | {'' if other is None else f'{other:.0f}'} |")
     core = document.get("core_vs_http")
     if core:
         lines += [

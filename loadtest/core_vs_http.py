@@ -40,7 +40,7 @@ def core_alone_rps(options: Any, emails: list[str]) -> dict[str, Any]:
     from model_store.tokens import RowTokenizer
     from server.__main__ import torch_threads
     from server.engine.core import EngineCore
-    from server.engine.messages import AddRequest, Hello
+    from server.engine.messages import AddRequest, Hello, pack_token_ids
     from server.settings import Settings
 
     settings = Settings(store=options.store, model=options.model)
@@ -60,7 +60,7 @@ def core_alone_rps(options: Any, emails: list[str]) -> dict[str, Any]:
         core.handle(
             b"bench",
             AddRequest(
-                epoch=core.epoch, request_id=i, token_ids=[list(ids)],
+                epoch=core.epoch, request_id=i, token_ids=[pack_token_ids(ids)],
                 criterion_code=code, threshold=threshold, max_layers=m.num_layers, speed=m.default_speed,
                 speed_is_default=True, deadline_s=None,
             ),

@@ -1,10 +1,15 @@
 """Host time per layer step: the engine core's own Python and bookkeeping per step, kernels excluded.
 
-An ``EngineCore`` on the tiny model (1 layer, hidden 32) is fed ``batch`` one-row requests per step, as
-HTTP delivers them, and timed around ``step()`` + ``flush()`` (schedule, the runner's bookkeeping:
-building the batch, the exit decision's one transfer and its unpacking, update, replies encoded). The
-model's own calls (embedding, layer, ramp) are timed separately and subtracted: that is the kernel time
-a bigger model or a GPU changes; what is left is what this code costs per step.
+An ``EngineCore`` on a tiny model (hidden 32) is fed ``batch`` one-row requests at a time, as HTTP
+delivers them, and timed around ``step()`` + ``flush()`` (schedule, the runner's bookkeeping: building
+the batch, the exit decision's one transfer and its unpacking, update, replies encoded). The model's own
+computations (embedding, layer, ramp) are timed separately and subtracted: that is the kernel time a
+bigger model or a GPU changes; what is left is what this code costs per step. Two kinds of step:
+
+* ``host_step_us`` (1-layer model): the batch turns over in every step: ``batch`` rows embedded and
+  answered (admission itself is outside the timed step; it runs as each request arrives);
+* ``carried_step_us`` (3-layer model, layer 2 timed): the rows come from the step before and go on to
+  the next, as in most steps of a deep model.
 """
 
 from __future__ import annotations
@@ -52,18 +57,43 @@ def time_kernels(model: Any, spent: list[float]) -> None:
 def host_step_us(
     store: Path, model: str, batch_sizes: tuple[int, ...] = (1, 16, 64), num_steps: int = 300
 ) -> dict[str, float]:
-    """Median host microseconds per layer step at each batch size."""
+    """Median host microseconds per layer step at each batch size, on a 1-layer model: every step takes
+    ``batch`` new one-row requests in and answers them all (the whole batch turns over)."""
+    return _step_us(store, model, batch_sizes, num_steps, timed_layer=1)
+
+
+def carried_step_us(
+    store: Path, model: str, batch_sizes: tuple[int, ...] = (1, 16, 64), num_steps: int = 300
+) -> dict[str, float]:
+    """Median host microseconds of a layer step whose rows are carried from the layer before to the
+    layer after (none enters, none exits: most steps of a deep model), on a model of 3 layers or more:
+    rows run to full depth and the step of layer 2 is timed."""
+    return _step_us(store, model, batch_sizes, num_steps, timed_layer=2)
+
+
+def _step_us(
+    store: Path, model: str, batch_sizes: tuple[int, ...], num_steps: int, timed_layer: int
+) -> dict[str, float]:
     import torch
 
+    with torch.no_grad():  # as the core's loop runs; the caller's grad mode is left as it was
+        return _measure(store, model, batch_sizes, num_steps, timed_layer)
+
+
+def _measure(
+    store: Path, model: str, batch_sizes: tuple[int, ...], num_steps: int, timed_layer: int
+) -> dict[str, float]:
     from model_store.policy import CRITERION_CODES, Criterion
     from model_store.store import ModelStore
     from model_store.tokens import RowTokenizer
     from server.engine.core import EngineCore
-    from server.engine.messages import AddRequest
+    from server.engine.messages import AddRequest, pack_token_ids
     from server.engine.types import EngineConfig
 
-    torch.set_grad_enabled(False)
     loaded = ModelStore(store).load(model)
+    num_layers = loaded.manifest.num_layers
+    if timed_layer > 1 and num_layers <= timed_layer:
+        raise ValueError(f"{model} has {num_layers} layer(s); a carried step needs {timed_layer + 1} or more")
     spent = [0.0]
     time_kernels(loaded.model, spent)
     ids = RowTokenizer(loaded.tokenizer, loaded.manifest.max_seq_length)([SHORT])[0][0]
@@ -81,24 +111,27 @@ def host_step_us(
         core.handle(b"bench", _hello())
         request_id = 0
         samples: list[float] = []
-        for step in range(num_steps + 20):
-            for _ in range(batch):
+        for round_ in range(num_steps + 20):
+            for _ in range(batch):  # threshold 0: no early exit, every row runs every layer
                 request_id += 1
                 core.handle(
                     b"bench",
                     AddRequest(
-                        epoch=core.epoch, request_id=request_id, token_ids=[list(ids)],
-                        criterion_code=CRITERION_CODES[Criterion.NORMALIZED_ENTROPY], threshold=0.5,
-                        max_layers=1, speed=0.5, speed_is_default=False, deadline_s=None,
+                        epoch=core.epoch, request_id=request_id, token_ids=[pack_token_ids(ids)],
+                        criterion_code=CRITERION_CODES[Criterion.NORMALIZED_ENTROPY], threshold=0.0,
+                        max_layers=num_layers, speed=0.0, speed_is_default=False, deadline_s=None,
                     ),
                 )  # fmt: skip
-            spent[0] = 0.0
-            started = time.perf_counter()
-            core.step()
-            core.flush(sink)  # type: ignore[arg-type]
-            elapsed = time.perf_counter() - started - spent[0]
-            if step >= 20:  # warm-up steps are not counted
-                samples.append(elapsed)
+            for layer in range(1, num_layers + 1):
+                spent[0] = 0.0
+                started = time.perf_counter()
+                core.step()
+                core.flush(sink)  # type: ignore[arg-type]
+                elapsed = time.perf_counter() - started - spent[0]
+                if layer == timed_layer and round_ >= 20:  # warm-up rounds are not counted
+                    samples.append(elapsed)
+            if core.num_live_requests:
+                raise RuntimeError(f"{core.num_live_requests} requests unanswered after {num_layers} steps")
         results[str(batch)] = statistics.median(samples) * 1e6
     return results
 

@@ -28,8 +28,10 @@ def make_tiny_store(
     labels: tuple[str, ...] = ("ham", "spam"),
     max_seq_length: int = 128,
     seed: int = 0,
+    num_layers: int = 1,
 ) -> Path:
-    """Save a random 1-layer BERT (hidden 32) with the MiniLM tokenizer; returns the version directory.
+    """Save a random BERT (hidden 32, ``num_layers`` layers, 1 by default) with the MiniLM tokenizer;
+    returns the version directory.
 
     Reuses the latest version when one exists (versions are immutable and this model is random anyway).
     """
@@ -40,7 +42,7 @@ def make_tiny_store(
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=num_layers,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=512,
@@ -51,7 +53,7 @@ def make_tiny_store(
         name=name,
         version=store.next_version(name),
         architecture="bert",
-        num_layers=1,
+        num_layers=num_layers,
         hidden_size=32,
         labels=list(labels),
         max_seq_length=max_seq_length,

@@ -41,6 +41,7 @@ from server.engine.messages import (
     Status,
     decode_to_front_end,
     encode,
+    pack_token_ids,
 )
 from server.engine.types import (
     ClassifyOptions,
@@ -226,7 +227,7 @@ class EngineClient:
             AddRequest(
                 epoch=self._epoch,
                 request_id=request_id,
-                token_ids=[list(ids) for ids, _ in encoded],
+                token_ids=[pack_token_ids(ids) for ids, _ in encoded],
                 criterion_code=criterion_code,
                 threshold=threshold,
                 max_layers=max_layers,

@@ -41,6 +41,7 @@ from server.engine.messages import (
     Outputs,
     Status,
     ToCore,
+    unpack_token_ids,
 )
 from server.engine.runner import Runner
 from server.engine.scheduler import Decision, RowExit, RowSpec, Scheduler, SchedulerConfig, StepPlan
@@ -217,17 +218,22 @@ class EngineCore:
         self._finish_rows(finished)
 
     def flush(self, socket: CoreSocket) -> None:
-        """Send each front end what finished for it, and the status when due."""
+        """Send each front end what finished for it, and the status when due. The admission view (and
+        the queue and backlog gauges) is computed only then: a step that answered nobody, with no status
+        due, costs no pass over the rows in flight."""
+        now_s = self._clock()
+        status_due = now_s - self._last_status_s >= STATUS_INTERVAL_S
+        ready = [(i, o) for i, o in self._outbox.items() if o.finished or o.failed]
+        if not ready and not status_due:
+            return
         admission = self.admission_view()
-        for identity, outputs in self._outbox.items():
-            if outputs.finished or outputs.failed:
-                outputs.admission = admission
-                socket.send(identity, outputs)
-                self._outbox[identity] = Outputs([], [])
+        for identity, outputs in ready:
+            outputs.admission = admission
+            socket.send(identity, outputs)
+            self._outbox[identity] = Outputs([], [])
         self._observer.queue_depth(self._scheduler.num_waiting)
         self._observer.predicted_backlog(admission.backlog_s)
-        now_s = self._clock()
-        if now_s - self._last_status_s >= STATUS_INTERVAL_S:
+        if status_due:
             self._last_status_s = now_s
             status = self.status(admission)
             for identity in self._clients:
@@ -288,7 +294,7 @@ class EngineCore:
             RowSpec(
                 row_id=self._scheduler.next_id(),
                 request_id=internal_id,
-                token_ids=tuple(ids),
+                token_ids=unpack_token_ids(ids),
                 criterion_code=message.criterion_code,
                 threshold=message.threshold,
                 max_layers=message.max_layers,

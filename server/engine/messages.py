@@ -19,11 +19,31 @@ typed structs with no per-field Python code; pickle would be slower and would ex
 from __future__ import annotations
 
 import contextlib
+from array import array
+from collections.abc import Sequence
 
 import msgspec
 import zmq
 
 STATUS_INTERVAL_S = 0.25  # heartbeat: the core tells every front end its status at least this often
+
+# Token ids travel as int32 bytes in native order (the front ends and the core share one host): msgpack
+# carries bytes without a Python object per token, so the core (one thread for every front end) never
+# converts ids one by one; it keeps them as ``array('i')`` and joins them into a batch by memcpy.
+TOKEN_ID_TYPECODE = "i"
+assert array(TOKEN_ID_TYPECODE).itemsize == 4
+
+
+def pack_token_ids(ids: Sequence[int]) -> bytes:
+    """A row's token ids as the bytes an ``AddRequest`` carries (front end side)."""
+    return array(TOKEN_ID_TYPECODE, ids).tobytes()
+
+
+def unpack_token_ids(data: bytes) -> array[int]:
+    """The ids of ``pack_token_ids``, as an int32 array (no copy per token; core side)."""
+    ids = array(TOKEN_ID_TYPECODE)
+    ids.frombytes(data)
+    return ids
 
 
 class Hello(msgspec.Struct, tag=True, array_like=True):
@@ -38,7 +58,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
 
     epoch: int
     request_id: int  # unique per front end
-    token_ids: list[list[int]]
+    token_ids: list[bytes]  # per row, ``pack_token_ids``
     criterion_code: int
     threshold: float  # native threshold of the criterion (model_store.criteria.threshold_for)
     max_layers: int  # clamped to the model's depth

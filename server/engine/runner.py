@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from array import array
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from model_store.criteria import PatienceState
 from model_store.early_exit import EarlyExitClassifier
 from server.engine.graphs import CaptureReport, CudaGraphBackend, GraphBackend, GraphedSteps
+from server.engine.messages import TOKEN_ID_TYPECODE
 from server.engine.scheduler import RowExit, RowSpec, StepOutput, StepPlan
 from server.engine.step_kernel import StepTensors, compute_step
 
@@ -133,6 +135,7 @@ class Runner:
         self.model = model
         self.num_layers = model.num_layers
         self.pad_token_id = int(getattr(model.encoder.config, "pad_token_id", 0) or 0)
+        self._pad_ids = array(TOKEN_ID_TYPECODE, (self.pad_token_id,))
         self._cuda = self.device.type == "cuda"
         self._cohorts: dict[int, _CohortTensors] = {}
         self.num_result_transfers = 0  # device-to-host transfers made (one per step that computed)
@@ -184,16 +187,20 @@ class Runner:
             if not keep or row[0] >= 0.5  # nobody kept: everybody leaves (always at the last layer)
         ]
         kept_probs = [tuple(rows[p][2:]) for p in keep] if plan.keep_probs else []
+        survivors_longest = 0
         if keep:
             batch.hidden, batch.patience = step.hidden, step.patience
             # Nobody left: the cohort goes on as it is, no copy.
-            self._cohorts[plan.out_cohort_id] = batch if len(keep) == len(rows) else self._select(batch, keep)
+            cohort = batch if len(keep) == len(rows) else self._select(batch, keep)
+            self._cohorts[plan.out_cohort_id] = cohort
+            survivors_longest = max(cohort.lengths)
         return StepOutput(
             exited=tuple(exited),
-            survivors=tuple(batch.row_ids[p] for p in keep),
+            survivors=tuple(batch.row_ids if len(keep) == len(rows) else [batch.row_ids[p] for p in keep]),
             num_padded_tokens=int(batch.mask.shape[0] * batch.mask.shape[1]),
             num_real_tokens=sum(batch.lengths),
             survivor_probs=tuple(kept_probs),
+            survivors_longest=survivors_longest,
         )
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -238,43 +245,42 @@ class Runner:
         return cohort.select(positions, index, self.model.adapter.mask_optional)
 
     def _embed(self, rows: list[RowSpec]) -> _CohortTensors:
-        """The step's new rows as tensors. Token ids (padded), then lengths, criterion codes, caps and
-        thresholds (the bits of float64s) travel in one flat int64 buffer, filled by C-level extends
-        rather than a tensor built from nested lists: one copy to the device."""
+        """The step's new rows as tensors, from one flat int32 buffer: each row's token ids (padded),
+        then lengths, criterion codes, caps and thresholds (float32 bits). Rows from the front ends
+        hold their ids as ``array('i')`` (``messages.unpack_token_ids``), so the buffer is joined by
+        memcpy, with no Python object per token; one copy to the device."""
         num_rows = len(rows)
-        lengths = [r.num_tokens for r in rows]
+        lengths = [len(r.token_ids) for r in rows]
         longest = max(lengths)
-        buffer = array("q")
-        if min(lengths) == longest:
-            for row in rows:
-                buffer.extend(row.token_ids)
-        else:
-            pad = array("q", (self.pad_token_id,)) * longest
-            for row, n in zip(rows, lengths, strict=True):
-                buffer.extend(row.token_ids)
-                buffer.extend(pad[: longest - n])
+        padded = min(lengths) < longest
+        parts: list[Any] = []
+        for row, n in zip(rows, lengths, strict=True):
+            ids = row.token_ids
+            parts.append(ids if type(ids) is array else array(TOKEN_ID_TYPECODE, ids))
+            if n < longest:
+                parts.append(self._pad_ids * (longest - n))
         codes = [r.criterion_code for r in rows]
         caps = [r.max_layers for r in rows]
-        buffer.extend(lengths)
-        buffer.extend(codes)
-        buffer.extend(caps)
-        buffer.frombytes(array("d", [r.threshold for r in rows]).tobytes())
-        packed = self._to_device(torch.frombuffer(buffer, dtype=torch.long))
-        ids = packed[: num_rows * longest].view(num_rows, longest)
-        meta = packed[num_rows * longest :].view(4, num_rows)
-        if min(lengths) == longest:
-            mask = torch.ones((num_rows, longest), dtype=torch.long, device=self.device)
-        else:
+        parts.append(array(TOKEN_ID_TYPECODE, lengths + codes + caps))
+        parts.append(array("f", [r.threshold for r in rows]))
+        buffer = bytearray().join(parts)
+        packed = self._to_device(torch.frombuffer(buffer, dtype=torch.int32))
+        ids_end = num_rows * longest
+        ids_ = packed[:ids_end].view(num_rows, longest).long()
+        meta = packed[ids_end:].view(4, num_rows)
+        if padded:
             mask = (torch.arange(longest, device=self.device) < meta[0].unsqueeze(1)).long()
-        hidden = self.model.embed(ids, mask)
+        else:
+            mask = torch.ones((num_rows, longest), dtype=torch.long, device=self.device)
+        hidden = self.model.embed(ids_, mask)
         return _CohortTensors(
             row_ids=[r.row_id for r in rows],
             lengths=lengths,
             hidden=hidden,
             mask=mask,
-            layer_mask=self.model.layer_mask(mask, hidden.dtype, padded=min(lengths) < longest),
-            criterion_codes=meta[1],
-            thresholds=meta[3].view(torch.float64).to(torch.float32),
+            layer_mask=self.model.layer_mask(mask, hidden.dtype, padded=padded),
+            criterion_codes=meta[1].long(),
+            thresholds=meta[3].view(torch.float32),
             max_layers=meta[2],
             patience=PatienceState.initial(num_rows, device=self.device),
             codes=frozenset(codes),

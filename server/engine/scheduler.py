@@ -54,7 +54,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from server.engine.admission import (
@@ -81,7 +81,8 @@ class RowSpec:
 
     row_id: int
     request_id: int | None  # None: a shadow row (the accuracy guard's re-run), owned by no request
-    token_ids: tuple[int, ...]
+    # From a front end an ``array('i')`` (``messages.unpack_token_ids``); any int sequence elsewhere.
+    token_ids: Sequence[int]
     criterion_code: int
     threshold: float
     max_layers: int  # 1-based cap, already clamped to the model's depth
@@ -136,6 +137,7 @@ class StepOutput:
     num_padded_tokens: int = 0  # rows x padded length of the step (token budget accounting)
     num_real_tokens: int = 0  # the rows' own tokens (0: the scheduler sums them itself)
     survivor_probs: tuple[tuple[float, ...], ...] = ()  # with ``plan.keep_probs``: per survivor, in order
+    survivors_longest: int = 0  # the most tokens of any survivor (0: not reported)
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class _Cohort:
     depth: int
     row_ids: list[int]
     shadow: bool = False
+    longest: int = 0  # the most tokens of any of its rows, when known exactly (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ class Scheduler:
         self._waiting_backlog = Backlog()
         self._dispatch_expired: list[RowSpec] = []  # rows dropped at dispatch: could no longer finish
         self._computing: StepPlan | None = None  # the plan handed out and not yet reported back
+        self._inflight_cached: tuple[Backlog, float] | None = None  # see ``_inflight_backlog``
         self._num_best_effort = 0  # live best-effort rows (steps then report survivors' probabilities)
         self._latest: dict[int, RowExit] = {}  # best-effort row in flight -> its deepest ramp's answer
         self._target_latency_s = (
@@ -311,24 +315,43 @@ class Scheduler:
 
     def _inflight_backlog(self) -> tuple[Backlog, float]:
         """The expected remaining layers of real rows in flight (in a cohort, or in the step being
-        computed), and the earliest of their deadlines (inf if none has one)."""
-        backlog, earliest_s = Backlog(), math.inf
+        computed), and the earliest of their deadlines (inf if none has one).
+
+        Cached between steps: every request's admission asks for it, and the rows in flight change only
+        in ``schedule``, ``update_from_output``, ``fail_step``, ``cancel_request`` and ``reset`` (each
+        drops the cache), never by adding a request to the queue."""
+        cached = self._inflight_cached
+        if cached is None:
+            cached = self._inflight_cached = self._sum_inflight()
+        return cached
+
+    def _sum_inflight(self) -> tuple[Backlog, float]:
+        """``_inflight_backlog`` computed: summed as floats, one ``Backlog`` at the end."""
+        rows, expected, cancelled = self._rows, self._expected_layers, self._cancelled
+        row_layers = token_layers = chain_layers = 0.0
+        earliest_s = math.inf
         for row_id, depth in self._inflight_depths():
-            row = self._rows.get(row_id)
+            row = rows.get(row_id)
             if row is None or depth >= row.max_layers:
                 continue
-            remaining = max(1.0, self._expected_layers.get(row_id, row.max_layers) - depth)
-            backlog = backlog.plus(remaining, remaining * row.num_tokens, remaining)
-            if row.deadline_s is not None and row_id not in self._cancelled:
-                earliest_s = min(earliest_s, row.deadline_s)
-        return backlog, earliest_s
+            remaining = expected.get(row_id, row.max_layers) - depth
+            if remaining < 1.0:
+                remaining = 1.0
+            row_layers += remaining
+            token_layers += remaining * len(row.token_ids)
+            if remaining > chain_layers:
+                chain_layers = remaining
+            if row.deadline_s is not None and row.deadline_s < earliest_s and row_id not in cancelled:
+                earliest_s = row.deadline_s
+        return Backlog(row_layers, token_layers, chain_layers), earliest_s
 
     def _inflight_depths(self) -> Iterator[tuple[int, int]]:
         """(row id, layers done) of every real row holding hidden states."""
         for cohort in self._cohorts.values():
             if not cohort.shadow:
+                depth = cohort.depth
                 for row_id in cohort.row_ids:
-                    yield row_id, cohort.depth
+                    yield row_id, depth
         plan = self._computing
         if plan is not None and not plan.shadow:
             for row in plan.new_rows:
@@ -356,6 +379,7 @@ class Scheduler:
 
     def cancel_request(self, request_id: int) -> int:
         """Drop every row of a request: waiting rows now, in-flight rows before the next compute."""
+        self._inflight_cached = None
         num_dropped = 0
         for row in [r for r in self._waiting if r.request_id == request_id]:
             self._waiting.remove(row)
@@ -402,6 +426,7 @@ class Scheduler:
 
     def schedule(self, now_s: float) -> Decision:
         """Pick the next layer step, or say when to look again."""
+        self._inflight_cached = None
         deadline_exits = self._take_deadline_exits(now_s) if self._latest else ()
         decision = self._decide(now_s)
         plan = decision.plan
@@ -411,6 +436,7 @@ class Scheduler:
         if deadline_exits:
             decision = replace(decision, deadline_exits=deadline_exits)
         self._computing = plan
+        self._inflight_cached = None  # rows moved from their cohorts into the plan
         return decision
 
     def _take_deadline_exits(self, now_s: float) -> tuple[tuple[RowSpec, RowExit], ...]:
@@ -489,6 +515,7 @@ class Scheduler:
     ) -> list[tuple[RowSpec, RowExit]]:
         """Record a step's result (and, given ``duration_s``, its cost); returns the finished rows."""
         self._computing = None
+        self._inflight_cached = None
         if duration_s is not None and plan.layer > 0 and plan.num_rows > 0:
             num_real_tokens = output.num_real_tokens or sum(r.num_tokens for r in plan.new_rows) + sum(
                 self._rows[r].num_tokens for rows in plan.sources.values() for r in rows if r in self._rows
@@ -520,8 +547,9 @@ class Scheduler:
             self._keep_latest(plan.layer, output)
         survivors = [r for r in output.survivors if r in self._rows]
         if survivors:
+            longest = output.survivors_longest if len(survivors) == len(output.survivors) else 0
             self._cohorts[plan.out_cohort_id] = _Cohort(
-                plan.out_cohort_id, plan.layer, survivors, plan.shadow
+                plan.out_cohort_id, plan.layer, survivors, plan.shadow, longest
             )
         return finished
 
@@ -538,6 +566,7 @@ class Scheduler:
         """The runner raised on ``plan``: forget its rows. Returns the request ids that must fail (every
         row of theirs is dropped) and the ids of the step's shadow rows (no request fails for those)."""
         self._computing = None
+        self._inflight_cached = None
         failed: set[int] = set()
         shadow_ids: list[int] = []
         for row_id in plan.row_ids:
@@ -559,6 +588,7 @@ class Scheduler:
         self._expected_layers.clear()
         self._dispatch_expired.clear()
         self._computing = None
+        self._inflight_cached = None
         self._shadow_waiting.clear()
         self._rows.clear()
         self._arrival_s.clear()
@@ -637,6 +667,7 @@ class Scheduler:
             if gone:
                 dropped[cohort.cohort_id] = gone
                 cohort.row_ids = [r for r in cohort.row_ids if r not in self._cancelled]
+                cohort.longest = 0
                 if not cohort.row_ids:
                     del self._cohorts[cohort.cohort_id]
         for row_id in list(self._cancelled):
@@ -669,7 +700,7 @@ class Scheduler:
             taken = tuple(cohort.row_ids[: limit - num_rows])
             sources[cohort.cohort_id] = taken
             num_rows += len(taken)
-            cohort.row_ids = cohort.row_ids[len(taken) :]
+            cohort.row_ids, cohort.longest = cohort.row_ids[len(taken) :], 0
             if not cohort.row_ids:
                 del self._cohorts[cohort.cohort_id]
         return StepPlan(self.next_id(), depth + 1, self.next_id(), (), sources, dropped, shadow=True)
@@ -725,6 +756,13 @@ class Scheduler:
         for cohort in sorted(self._cohorts.values(), key=lambda c: c.cohort_id):
             if cohort.depth != depth or cohort.shadow:
                 continue
+            whole = max(longest, cohort.longest)
+            if cohort.longest and self._fits(num_rows + len(cohort.row_ids), whole):
+                # Every row fits (what the loop below would find, row by row): the cohort goes whole.
+                sources[cohort.cohort_id] = tuple(cohort.row_ids)
+                num_rows, longest = num_rows + len(cohort.row_ids), whole
+                del self._cohorts[cohort.cohort_id]
+                continue
             taken: list[int] = []
             for row_id in cohort.row_ids:
                 grown = max(longest, self._rows[row_id].num_tokens)
@@ -734,7 +772,7 @@ class Scheduler:
                 num_rows, longest = num_rows + 1, grown
             if taken:
                 sources[cohort.cohort_id] = tuple(taken)
-                cohort.row_ids = cohort.row_ids[len(taken) :]
+                cohort.row_ids, cohort.longest = cohort.row_ids[len(taken) :], 0
                 if not cohort.row_ids:
                     del self._cohorts[cohort.cohort_id]
             if cohort.row_ids:

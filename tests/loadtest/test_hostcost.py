@@ -34,3 +34,4 @@ def test_kernel_time_is_not_counted_as_host_time(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(ModelStore, "load", slow_load)
     result = host_step_us(tmp_path / "store", "tiny-1layer", batch_sizes=(1,), num_steps=10)
     assert 0.0 < result["1"] < 3 * SLEEP_S * 1e6, result
+    assert torch.is_grad_enabled()  # the benchmark leaves the caller's grad mode alone

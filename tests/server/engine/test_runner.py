@@ -14,6 +14,7 @@ from model_store.criteria import CRITERION_CODES, Criterion, threshold_for
 from model_store.early_exit import EarlyExitClassifier
 from model_store.reference import RowPolicies, early_exit_forward
 from server.engine.graphs import EagerReplayBackend, bucket_for, row_buckets, seq_buckets
+from server.engine.messages import pack_token_ids, unpack_token_ids
 from server.engine.runner import Runner, _CohortTensors
 from server.engine.scheduler import RowExit, RowSpec, Scheduler, SchedulerConfig
 from tests.model_store.conftest import KINDS, padded_batch, tiny_config, tiny_model
@@ -34,15 +35,18 @@ def _sharpened(kind: str) -> EarlyExitClassifier:
     return model
 
 
-def _rows(model: EarlyExitClassifier, ids: torch.Tensor) -> list[RowSpec]:
+def _rows(model: EarlyExitClassifier, ids: torch.Tensor, wire: bool = True) -> list[RowSpec]:
+    """The rows as the core admits them: token ids as they come off the wire (int32 arrays), or, with
+    ``wire=False``, as tuples (the shadow sampler's and calibration's rows; the runner converts)."""
     rows = []
     for i, n in enumerate(LENGTHS):
         c = CRITERIA[i]
+        row_ids = ids[i, :n].tolist()
         rows.append(
             RowSpec(
                 row_id=i + 1,
                 request_id=i + 1,
-                token_ids=tuple(ids[i, :n].tolist()),
+                token_ids=unpack_token_ids(pack_token_ids(row_ids)) if wire else tuple(row_ids),
                 criterion_code=CRITERION_CODES[c],
                 threshold=threshold_for(c, SPEEDS[i], model.num_labels, model.num_layers),
                 max_layers=model.num_layers if MAX_LAYERS[i] is None else MAX_LAYERS[i],
@@ -112,7 +116,7 @@ def test_graph_steps_beyond_the_buckets_run_eagerly() -> None:
     model = _sharpened("bert")
     ids, mask = padded_batch(LENGTHS, pad_id=0, seed=5)
     runner = Runner(model, max_batch_size=2, max_seq_length=4, graph_backend=EagerReplayBackend())
-    answers = _serve(runner, _rows(model, ids), batch_size=8)  # steps of up to 8 rows, 12 tokens
+    answers = _serve(runner, _rows(model, ids, wire=False), batch_size=8)  # steps of <= 8 rows, 12 tokens
     _check(answers, _reference(model, ids, mask))
     assert runner.graphs is not None and runner.graphs.num_replays > 0  # the short, small steps
 
