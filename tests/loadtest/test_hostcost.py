@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from loadtest.hostcost import host_step_us
+from loadtest.hostcost import carried_step_us, host_step_us
 from loadtest.tiny import make_tiny_store
 from model_store.store import ModelStore
 
@@ -34,4 +34,10 @@ def test_kernel_time_is_not_counted_as_host_time(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(ModelStore, "load", slow_load)
     result = host_step_us(tmp_path / "store", "tiny-1layer", batch_sizes=(1,), num_steps=10)
     assert 0.0 < result["1"] < 3 * SLEEP_S * 1e6, result
+    # The carried step (layer 2 of 3; every row answered after layer 3, else it raises), likewise.
+    make_tiny_store(tmp_path / "store", "tiny-3layer", max_seq_length=32, num_layers=3)
+    carried = carried_step_us(tmp_path / "store", "tiny-3layer", batch_sizes=(1,), num_steps=5)
+    assert 0.0 < carried["1"] < 3 * SLEEP_S * 1e6, carried
+    with pytest.raises(ValueError, match="carried step"):
+        carried_step_us(tmp_path / "store", "tiny-1layer", batch_sizes=(1,), num_steps=1)
     assert torch.is_grad_enabled()  # the benchmark leaves the caller's grad mode alone
