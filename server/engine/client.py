@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 # Texts up to this many characters (all inputs of a request together) are tokenized on the event loop:
 # a thread hop costs more than the Rust tokenizer needs for them (~10-60 us).
 INLINE_TOKENIZE_CHARS = 16_384
+# Up to this many, without releasing the GIL (``RowTokenizer``, ``hold_gil``): with the engine core as a
+# thread of this process, each release made a short request wait for the GIL behind the core's step.
+HOLD_GIL_TOKENIZE_CHARS = 4_096
 _ERROR_KINDS: dict[str, type[EngineError]] = {
     cls.__name__: cls
     for cls in vars(errors).values()
@@ -200,10 +203,10 @@ class EngineClient:
         if max_layers is not None and max_layers < 1:
             raise InvalidRequestError("max_layers must be at least 1", field="max_layers")
         max_layers = min(max_layers or info.num_layers, info.num_layers)
-        if (
-            sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
-            <= INLINE_TOKENIZE_CHARS
-        ):
+        num_chars = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
+        if num_chars <= HOLD_GIL_TOKENIZE_CHARS:
+            encoded = self._tokenize(texts, hold_gil=True)
+        elif num_chars <= INLINE_TOKENIZE_CHARS:
             encoded = self._tokenize(texts)
         else:
             encoded = await asyncio.to_thread(self._tokenize, texts)
@@ -311,10 +314,10 @@ class EngineClient:
             raise
         self._sent = self._sent + Backlog.of_rows(num_rows, admitted.expected_layers, mean_tokens)
 
-    def _tokenize(self, texts: Inputs) -> list[tuple[tuple[int, ...], bool]]:
+    def _tokenize(self, texts: Inputs, hold_gil: bool = False) -> list[tuple[tuple[int, ...], bool]]:
         """Token ids per text; a text the tokenizer rejects is the client's error, named by index."""
         try:
-            return self._tokenizer(texts)
+            return self._tokenizer(texts, hold_gil=hold_gil)
         except Exception:
             for index, text in enumerate(texts):
                 try:

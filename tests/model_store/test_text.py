@@ -47,6 +47,7 @@ def test_ids_and_truncation_match_the_wrapper(
     texts = _texts()
     got = RowTokenizer(minilm_tokenizer, max_len)(texts)
     assert got == _wrapper_rows(minilm_tokenizer, texts, max_len)
+    assert RowTokenizer(minilm_tokenizer, max_len)(texts, hold_gil=True) == got  # one by one, GIL held
     assert any(t for _, t in got) and not all(t for _, t in got)
     assert all(len(ids) <= max_len for ids, _ in got)
 
@@ -114,6 +115,7 @@ def test_pairs_tokenize_as_the_tokenizer_joins_pairs_with_its_token_types() -> N
         ("both long " * 30, "both long too " * 30),
     ]
     rows = RowTokenizer(tokenizer, 24)(pairs)
+    assert RowTokenizer(tokenizer, 24)(pairs, hold_gil=True) == rows
     want = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=24)
     assert [list(ids) for ids, _ in rows] == want["input_ids"]
     assert [t for _, t in rows] == [False, True, True, True]
