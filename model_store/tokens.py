@@ -47,9 +47,9 @@ class RowTokenizer:
     call, so concurrent calls had to be serialised under a lock, and each call paid ~40 us of Python
     argument handling. Here a private copy of the backend is configured once (truncation to
     ``max_seq_length``, no padding) and never changed again, so calls need no lock and run concurrently
-    (the batch call releases the GIL; ``hold_gil`` says when not to). The ids are the wrapper's own: ``tests/model_store/test_text.py``
-    compares them. ``encode_texts`` (training, calibration, the reference forward) is built on this class,
-    so every path sees the same tokens.
+    (the batch call releases the GIL; ``hold_gil`` says when not to). The ids are the wrapper's own:
+    ``tests/model_store/test_text.py`` compares them. ``encode_texts`` (training, calibration, the
+    reference forward) is built on this class, so every path sees the same tokens.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | Tokenizer, max_seq_length: int) -> None:

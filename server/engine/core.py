@@ -413,7 +413,7 @@ class EngineCore:
         self._outbox_of(live.identity).finished.append(
             Finished(
                 request_id=live.request_id,
-                rows=[outcomes[0]] if len(outcomes) == 1 else [outcomes[i] for i in range(len(outcomes))],
+                rows=[outcomes[i] for i in range(len(outcomes))],
                 queue_time_s=started_s - live.admitted_s,
                 inference_time_s=now_s - started_s,
                 degraded=None
