@@ -184,7 +184,7 @@ class Runner:
         exited = [
             RowExit(r, int(row[1]), tuple(row[2:]), layer)
             for r, row in zip(batch_rows, rows, strict=True)
-            if not keep or row[0] >= 0.5  # nobody kept: everybody leaves (always at the last layer)
+            if row[0] >= 0.5
         ]
         kept_probs = [tuple(rows[p][2:]) for p in keep] if plan.keep_probs else []
         survivors_longest = 0
