@@ -391,7 +391,7 @@ class EngineCore:
             live, index = owner
             live.outcomes[index] = (
                 row_exit.label_index,
-                list(row_exit.probs),
+                probs if type(probs := row_exit.probs) is list else list(probs),
                 layer,
                 row_exit.deadline_exit,
             )

@@ -182,7 +182,7 @@ class Runner:
         layer, batch_rows = plan.layer, batch.row_ids
         keep: list[int] = [p for p, row in enumerate(rows) if row[0] < 0.5]
         exited = [
-            RowExit(r, int(row[1]), tuple(row[2:]), layer)
+            RowExit(r, int(row[1]), row[2:], layer)
             for r, row in zip(batch_rows, rows, strict=True)
             if row[0] >= 0.5
         ]

@@ -123,7 +123,7 @@ class RowExit:
 
     row_id: int
     label_index: int
-    probs: tuple[float, ...]
+    probs: Sequence[float]  # a list from the runner (it goes into the reply as it is)
     exit_layer: int
     deadline_exit: bool = False  # answered at its deadline from the deepest ramp computed, not by policy
 
