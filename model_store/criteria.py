@@ -39,7 +39,6 @@ __all__ = [
 
 
 NORMALIZED_ENTROPY_CODE = CRITERION_CODES[Criterion.NORMALIZED_ENTROPY]
-ENTROPY_CODE = CRITERION_CODES[Criterion.ENTROPY]
 MAX_PROB_CODE = CRITERION_CODES[Criterion.MAX_PROB]
 PATIENCE_CODE = CRITERION_CODES[Criterion.PATIENCE]
 
@@ -118,7 +117,7 @@ def decide_exits(
         ent = entropy(logits)
         if only_code == NORMALIZED_ENTROPY_CODE:
             return ent / math.log(logits.shape[-1]) < thresholds, patience
-        return ent < thresholds, patience
+        return ent < thresholds, patience  # entropy in nats
     labels = logits.argmax(dim=-1)
     patience = update_patience(patience, labels)
     ent = entropy(logits)

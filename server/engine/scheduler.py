@@ -836,12 +836,11 @@ class Scheduler:
     def _head_within_caps(self, room: int) -> list[RowSpec]:
         """The longest head of the queue that fits ``room`` rows and the batch caps."""
         max_rows = min(room, self.config.max_batch_size)
-        max_tokens = self.config.max_batch_tokens
         starting: list[RowSpec] = []
         longest = 0
         for candidate in itertools.islice(self._waiting, max_rows):
             grown = max(longest, len(candidate.token_ids))
-            if starting and (len(starting) + 1) * grown > max_tokens:
+            if starting and not self._fits(len(starting) + 1, grown):
                 break
             starting.append(candidate)
             longest = grown
