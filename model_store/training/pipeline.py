@@ -393,13 +393,14 @@ def quantize_version(
 ) -> Path:
     """Save a float32 version as a new int8 version (``model_store.quantize``): calibrated again on the
     dev split and evaluated on the test split with its int8 encoder, since its exits shift."""
-    from model_store.quantize import quantize_encoder
+    from model_store.quantize import int8_engine, quantize_encoder
 
     store, source, splits = _load_with_data(store_dir, name, version, data, cache_dir)
     manifest = source.manifest
     if manifest.quantization != "none":
         raise ValueError(f"{name} version {manifest.version} is already {manifest.quantization}")
-    quantized = quantize_encoder(copy.deepcopy(source.model))
+    engine = int8_engine()
+    quantized = quantize_encoder(copy.deepcopy(source.model), engine)
     dev, test = (
         tokenize_examples(source.tokenizer, s, splits.labels, manifest.max_seq_length)
         for s in (splits.dev, splits.test)
@@ -413,6 +414,7 @@ def quantize_version(
     provenance = manifest.provenance.model_copy(
         update={
             "quantized_from": manifest.version,
+            "quantization_engine": engine,  # the kernels calibration and test evaluation ran on
             "quantization_data": splits.source,
             "test_evaluation": evaluate(test_logits, test, (chosen.criterion, chosen.speed)),
         }

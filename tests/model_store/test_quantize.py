@@ -1,0 +1,57 @@
+"""int8: which quantized engine packs the weights, and that the choice changes kernels, not answers."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_store.quantize import INT8_DOT_FLAGS, cpu_flags, int8_engine, is_quantized, quantize_encoder
+from tests.model_store.conftest import padded_batch, tiny_model
+
+
+def test_cpu_flags_are_read_from_the_first_cpu(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t: fpu\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_vnni"}
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+    (tmp_path / "noflags").write_text("processor\t: 0\n")
+    assert cpu_flags(tmp_path / "noflags") == frozenset()
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no oneDNN")
+def test_onednn_is_chosen_only_where_the_cpu_has_int8_dot_products() -> None:
+    for flag in INT8_DOT_FLAGS:
+        assert int8_engine(frozenset({"avx2", flag})) == "onednn"
+    assert int8_engine(frozenset({"avx2", "fma"})) == torch.backends.quantized.engine
+    assert int8_engine(frozenset()) == torch.backends.quantized.engine
+
+
+def test_an_unknown_engine_is_refused_and_the_global_engine_is_left_alone() -> None:
+    before = torch.backends.quantized.engine
+    with pytest.raises(ValueError, match="not in this torch"):
+        quantize_encoder(tiny_model("bert"), "no-such-engine")
+    quantize_encoder(tiny_model("bert"))
+    assert torch.backends.quantized.engine == before
+
+
+def test_every_engine_gives_the_same_logits() -> None:
+    """Calibration measured with one engine's kernels stays true when a server packs for another."""
+    engines = [e for e in ("fbgemm", "onednn", "x86") if e in torch.backends.quantized.supported_engines]
+    if len(engines) < 2:
+        pytest.skip("fewer than two x86 quantized engines in this torch")
+    model = tiny_model("bert")
+    ids, mask = padded_batch([12, 7, 3, 12], pad_id=0)
+    logits = {}
+    for engine in engines:
+        quantized = quantize_encoder(copy.deepcopy(model), engine)
+        assert is_quantized(quantized)
+        with torch.inference_mode():
+            hidden = quantized.embed(ids, mask)
+            for layer in range(1, quantized.num_layers + 1):
+                hidden = quantized.run_layer(layer, hidden, mask)
+            logits[engine] = quantized.ramp_logits(quantized.num_layers, hidden, mask)
+    for engine in engines[1:]:
+        torch.testing.assert_close(logits[engine], logits[engines[0]], rtol=0, atol=1e-5)
