@@ -100,6 +100,12 @@ def full_depth(points: list[Setting]) -> Setting:
 def fastest_within(points: list[Setting], floor: float) -> Setting:
     """The fewest mean layers among settings with test accuracy >= ``floor`` (ties: more accurate)."""
     fitting = [p for p in points if p.test_accuracy >= floor - 1e-9]
+    if not fitting:
+        best = max(points, key=lambda p: p.test_accuracy)
+        raise ValueError(
+            f"no setting reaches {floor:.2%} on test (the best: {best.criterion} {best.speed:g} at "
+            f"{best.test_accuracy:.2%}); allow a larger drop (--allowed-drop)"
+        )
     return min(fitting, key=lambda p: (p.mean_exit_layer, -p.test_accuracy))
 
 

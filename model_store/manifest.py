@@ -206,6 +206,15 @@ class Manifest(BaseModel):
         description="int8_dynamic: the encoder's Linear layers are served as dynamic int8 (CPU), derived "
         "at load from the float32 weights stored here; the calibration was measured on them",
     )
+    int8_weights: Literal["per_tensor", "per_channel"] = Field(
+        default="per_tensor",
+        description="int8_dynamic: weight scales per tensor or per output channel",
+    )
+    int8_engine: str | None = Field(
+        default=None,
+        description="int8_dynamic: the quantized engine (fbgemm, onednn, x86) whose kernels the calibration "
+        "and test evaluation ran on; a server packs for it when its torch has it (None: chosen at load)",
+    )
     provenance: Provenance = Field(default_factory=Provenance)
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 hex digest")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from model_store.errors import (
 )
 from model_store.layout import StoreLayout, read_manifest
 from model_store.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest
+
+logger = logging.getLogger(__name__)
 
 # Weight formats that unpickle (and so can run code) on load. Their presence alone refuses a version.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
@@ -153,9 +156,17 @@ def load_version_dir(
         )
     model.to(device=device, dtype=dtype).eval()
     if int8:
-        from model_store.quantize import quantize_encoder
+        from model_store.quantize import int8_engine, quantize_encoder
 
-        quantize_encoder(model)
+        engine = manifest.int8_engine
+        if engine is None or engine not in torch.backends.quantized.supported_engines:
+            if engine is not None:
+                logger.warning(
+                    "%s was calibrated on the %s int8 kernels, which this torch lacks; using %s (answers "
+                    "may differ a little from its calibration)", path, engine, int8_engine(),
+                )  # fmt: skip
+            engine = int8_engine()
+        quantize_encoder(model, engine, manifest.int8_weights)
 
     return LoadedModel(manifest=manifest, model=model, tokenizer=load_tokenizer(path), path=path)
 

@@ -400,7 +400,7 @@ def quantize_version(
     if manifest.quantization != "none":
         raise ValueError(f"{name} version {manifest.version} is already {manifest.quantization}")
     engine = int8_engine()
-    quantized = quantize_encoder(copy.deepcopy(source.model), engine)
+    quantized = quantize_encoder(copy.deepcopy(source.model), engine, "per_channel")
     dev, test = (
         tokenize_examples(source.tokenizer, s, splits.labels, manifest.max_seq_length)
         for s in (splits.dev, splits.test)
@@ -414,7 +414,6 @@ def quantize_version(
     provenance = manifest.provenance.model_copy(
         update={
             "quantized_from": manifest.version,
-            "quantization_engine": engine,  # the kernels calibration and test evaluation ran on
             "quantization_data": splits.source,
             "test_evaluation": evaluate(test_logits, test, (chosen.criterion, chosen.speed)),
         }
@@ -423,6 +422,8 @@ def quantize_version(
         update={
             "version": store.next_version(name),
             "quantization": "int8_dynamic",
+            "int8_weights": "per_channel",
+            "int8_engine": engine,
             "calibration": table,
             "default_criterion": chosen.criterion,
             "default_speed": chosen.speed,

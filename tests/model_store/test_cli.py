@@ -124,7 +124,7 @@ def test_quantize_saves_an_int8_version_with_its_own_calibration(
 
     from model_store.data import load_data
     from model_store.errors import UnsupportedDeviceError
-    from model_store.quantize import is_quantized
+    from model_store.quantize import int8_engine, is_quantized
     from model_store.reference import RowPolicies, early_exit_forward
     from model_store.training.features import collect_ramp_logits, tokenize_examples
 
@@ -142,6 +142,7 @@ def test_quantize_saves_an_int8_version_with_its_own_calibration(
     source, int8 = store.load("colours-deebert", "1"), store.load("colours-deebert", "2")
     assert source.manifest.quantization == "none" and not is_quantized(source.model)
     assert int8.manifest.quantization == "int8_dynamic" and is_quantized(int8.model)
+    assert int8.manifest.int8_weights == "per_channel" and int8.manifest.int8_engine == int8_engine()
     assert all(r.out.weight.dtype == torch.float32 for r in int8.model.ramps)  # ramps stay float32
     assert int8.manifest.provenance.quantized_from == "1"  # type: ignore[attr-defined]
     table = int8.manifest.calibration

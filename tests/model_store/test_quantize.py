@@ -55,3 +55,26 @@ def test_every_engine_gives_the_same_logits() -> None:
             logits[engine] = quantized.ramp_logits(quantized.num_layers, hidden, mask)
     for engine in engines[1:]:
         torch.testing.assert_close(logits[engine], logits[engines[0]], rtol=0, atol=1e-5)
+
+
+def test_per_channel_scales_reconstruct_every_weight_closer_than_per_tensor() -> None:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    model = tiny_model("bert")
+    floats = {
+        n: m.weight.detach().clone()
+        for n, m in model.encoder.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    errors: dict[str, float] = {}
+    for weights in ("per_tensor", "per_channel"):
+        quantized = quantize_encoder(copy.deepcopy(model), weights=weights)  # type: ignore[arg-type]
+        total = 0.0
+        for name, module in quantized.encoder.named_modules():
+            if isinstance(module, DynamicLinear):
+                w = module.weight()
+                wanted = torch.per_channel_affine if weights == "per_channel" else torch.per_tensor_affine
+                assert w.qscheme() == wanted
+                total += float((w.dequantize() - floats[name]).abs().sum())
+        errors[weights] = total
+    assert errors["per_channel"] < errors["per_tensor"]
