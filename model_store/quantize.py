@@ -4,8 +4,9 @@ quantized per call); embeddings, LayerNorms, attention and the off-ramps stay fl
 A quantized model is its own model version (``python -m model_store quantize NAME``): its exits shift
 when its weights change, so it gets its own calibration table, and its manifest says
 ``"quantization": "int8_dynamic"``. The version stores the float32 weights it was made from; the int8
-weights are derived from them when the version is loaded (per-tensor min/max, deterministic), so the
-weights served are exactly the ones its calibration measured.
+weights are derived from them when the version is loaded (min/max scales per output channel, or per
+tensor for versions saved before that; deterministic), so the weights served are the ones its calibration
+measured.
 
 Which API: torch's eager ``torch.ao.quantization.quantize_dynamic`` (fbgemm/x86 kernels), although it is
 deprecated in favour of torchao. On this project's CPU machine (AMD EPYC, AVX2, no VNNI), for a MiniLM

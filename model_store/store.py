@@ -160,12 +160,13 @@ def load_version_dir(
 
         engine = manifest.int8_engine
         if engine is None or engine not in torch.backends.quantized.supported_engines:
+            here = int8_engine()
             if engine is not None:
                 logger.warning(
                     "%s was calibrated on the %s int8 kernels, which this torch lacks; using %s (answers "
-                    "may differ a little from its calibration)", path, engine, int8_engine(),
+                    "may differ a little from its calibration)", path, engine, here,
                 )  # fmt: skip
-            engine = int8_engine()
+            engine = here
         quantize_encoder(model, engine, manifest.int8_weights)
 
     return LoadedModel(manifest=manifest, model=model, tokenizer=load_tokenizer(path), path=path)

@@ -33,6 +33,9 @@ class LoopConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     deadline_s: float | None = None  # time.time() by which the stage stops (a run's --time-budget-min)
+    # "bfloat16": forward and loss under CPU autocast (bf16 matmuls, float32 weights, optimizer and
+    # gradients' accumulation); worth it only where the CPU has bf16 instructions (training.precision).
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ def train_loop(
     """
     if num_rows <= 0:
         raise ValueError(f"{desc}: nothing to train on")
+    if config.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"{desc}: precision {config.precision!r} is neither 'float32' nor 'bfloat16'")
     modules = list(modules)
     for module in modules:
         module.train()
@@ -114,7 +119,8 @@ def train_loop(
                 break
             rows = order[position : position + config.batch_size]
             position += config.batch_size
-            loss = batch_loss(rows)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
+                loss = batch_loss(rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

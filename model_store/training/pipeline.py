@@ -171,6 +171,7 @@ def run_training(settings: TrainSettings) -> TrainReport:
         finetune_deadline_s=None if budget_s is None else wall_start + 0.70 * budget_s,
         ramps_deadline_s=None if budget_s is None else wall_start + 0.85 * budget_s,
     )
+    logger.info("fine-tuning precision: %s", settings.budget.finetune_precision)
     result = train_recipe(
         settings.recipe, model, train, settings.budget, settings.seed, settings.show_progress, control
     )

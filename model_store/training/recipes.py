@@ -49,6 +49,9 @@ class Budget:
     distil_temperature: float = 2.0
     distil_alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha on the hard labels
     freeze_word_embeddings: bool = True  # small data: keeps the vocabulary intact, and the steps cheaper
+    # Fine-tuning's forward under bf16 autocast or not ("float32"); ramps, features, calibration and
+    # serving stay float32. ``training.precision.resolve_precision`` turns "auto" into one of the two.
+    finetune_precision: str = "float32"
     inference_batch_size: int = 32
 
 
@@ -117,7 +120,7 @@ def finetune_final(
 
     def batch_loss(rows: torch.Tensor) -> torch.Tensor:
         ids, mask = data.batch(rows)
-        logits = _final_logits(model, ids, mask)
+        logits = _final_logits(model, ids, mask).float()  # float32 loss under bf16 autocast too
         hard = F.cross_entropy(logits, data.labels[rows])
         if soft_targets is None:
             return hard
@@ -131,7 +134,7 @@ def finetune_final(
     control = control or TrainControl()
     config = LoopConfig(
         budget.finetune_epochs, budget.finetune_batch_size, budget.finetune_lr, seed=seed,
-        deadline_s=control.finetune_deadline_s,
+        deadline_s=control.finetune_deadline_s, precision=budget.finetune_precision,
     )  # fmt: skip
     dev = control.dev
     dev_loss = None
@@ -217,13 +220,13 @@ def train_joint(
     def batch_loss(rows: torch.Tensor) -> torch.Tensor:
         ids, mask = data.batch(rows)
         labels = data.labels[rows]
-        losses = torch.stack([F.cross_entropy(lg, labels) for lg in model.all_ramp_logits(ids, mask)])
+        losses = torch.stack([F.cross_entropy(lg.float(), labels) for lg in model.all_ramp_logits(ids, mask)])
         return (weights * losses).sum()
 
     control = control or TrainControl()
     config = LoopConfig(
         budget.finetune_epochs, budget.finetune_batch_size, budget.finetune_lr, seed=seed,
-        deadline_s=control.finetune_deadline_s,
+        deadline_s=control.finetune_deadline_s, precision=budget.finetune_precision,
     )  # fmt: skip
     return train_loop([model], params, len(data), batch_loss, config, "joint", show_progress)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -111,3 +112,46 @@ def test_student_takes_every_other_teacher_layer(kind: str) -> None:
             assert torch.equal(s_state[key], t_state[key.replace(f"layer.{new}.", f"layer.{old}.")])
     assert torch.equal(s_state["ramps.0.out.weight"], t_state["ramps.0.out.weight"])
     assert torch.equal(s_state["ramps.1.out.weight"], t_state["ramps.3.out.weight"])  # the final ramp
+
+
+@pytest.mark.parametrize("recipe", ["fastbert", "joint"])
+def test_bf16_fine_tuning_trains_float32_weights_and_the_ramps_still_learn(recipe: str) -> None:
+    train, held_out = synthetic_task(96, seed=1), synthetic_task(96, seed=2)
+    model = tiny_model("bert", num_labels=NUM_LABELS, seed=0)
+    budget = dataclasses.replace(TINY_BUDGET, finetune_precision="bfloat16")
+    result = train_recipe(recipe, model, train, budget, seed=0, show_progress=False)
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert min(ramp_accuracy(result.model, held_out)) >= 0.8  # chance is 1/3
+
+
+def test_bf16_fine_tuning_differs_from_float32() -> None:
+    # The autocast really runs: the same seed in bf16 gives other weights than in float32.
+    train = synthetic_task(64, seed=1)
+    states = []
+    for precision in ("float32", "bfloat16"):
+        budget = Budget(finetune_epochs=1.0, ramp_epochs=1.0, finetune_lr=1e-3, finetune_precision=precision)
+        model = train_recipe(
+            "fastbert", tiny_model("bert", NUM_LABELS), train, budget, seed=5, show_progress=False
+        )
+        states.append(model.model.state_dict())
+    name = "encoder.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(states[0][name], states[1][name])
+    torch.testing.assert_close(states[0][name], states[1][name], atol=0.05, rtol=0.0)
+
+
+def test_an_unknown_precision_is_refused() -> None:
+    budget = dataclasses.replace(TINY_BUDGET, finetune_precision="float16")
+    with pytest.raises(ValueError, match="float16"):
+        train_recipe("fastbert", tiny_model("bert", NUM_LABELS), synthetic_task(16, 1), budget, 0, False)
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_instructions() -> None:
+    from model_store.training.precision import resolve_precision
+
+    assert resolve_precision("auto", frozenset({"avx2", "avx512_bf16"})) == "bfloat16"
+    assert resolve_precision("auto", frozenset({"avx2", "amx_bf16", "amx_tile"})) == "bfloat16"
+    assert resolve_precision("auto", frozenset({"avx2", "avx512_vnni"})) == "float32"
+    assert resolve_precision("auto", frozenset()) == "float32"
+    assert resolve_precision("float32", frozenset({"avx512_bf16"})) == "float32"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16")

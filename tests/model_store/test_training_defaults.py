@@ -78,7 +78,7 @@ def test_train_uses_every_row_and_picks_the_length_from_the_data(
         str(store),
     ]
     argv += ["--lr", "2e-3", "--batch-size", "8", "--ramp-epochs", "5", "--no-progress", "--threads", "1"]
-    argv += ["--time-budget-min", "5"]
+    argv += ["--time-budget-min", "5", "--precision", "bfloat16"]
     with caplog.at_level("INFO"):
         assert main(argv) == 0
     assert "95th-percentile length" in caplog.text
@@ -89,6 +89,8 @@ def test_train_uses_every_row_and_picks_the_length_from_the_data(
     stages = provenance["stages"]
     assert stages["fine-tune"]["num_rows_seen"] >= 120  # 150 rows, 80 % train, at least one epoch
     assert provenance["early_stopping"] is True and provenance["time_budget_min"] == 5
+    assert provenance["budget"]["finetune_precision"] == "bfloat16"
+    assert "fine-tuning precision: bfloat16" in caplog.text
     comparison = provenance["probe_comparison"]  # the frozen-feature baseline, next to the model
     assert [row["budget"] for row in comparison["budgets"]] == [1.0, 1.25, 1.5, 2.0]
     assert len(comparison["probe_per_layer_test_accuracy"]) == 2
@@ -99,6 +101,17 @@ def test_help_states_every_default(capsys: pytest.CaptureFixture[str]) -> None:
         main(["train", "--help"])
     train_help = capsys.readouterr().out
     for flag in ("--max-seq-length", "--finetune-examples", "--finetune-epochs", "--ramp-epochs",
-                 "--time-budget-min", "--lr", "--batch-size", "--threads"):  # fmt: skip
+                 "--time-budget-min", "--lr", "--batch-size", "--threads", "--precision"):  # fmt: skip
         block = train_help.split(f"  {flag}", 1)[1].split("\n  --", 1)[0]
         assert "(default:" in block, flag
+
+
+def test_the_default_build_uses_every_row_for_two_epochs_within_ten_minutes() -> None:
+    from model_store.cli import _default_settings, build_parser
+
+    args = build_parser().parse_args(["build-default", "--precision", "float32"])
+    settings = _default_settings(args)
+    budget = settings.budget
+    assert budget.max_finetune_examples is None and budget.max_ramp_examples is None
+    assert budget.finetune_epochs == 2.0 and budget.finetune_precision == "float32"
+    assert settings.time_budget_min == 10.0 and settings.early_stopping is False
