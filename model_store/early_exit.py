@@ -74,6 +74,9 @@ class EarlyExitClassifier(nn.Module):
         self.ramps = nn.ModuleList(ramps)
         # Set for a model that takes text pairs (the manifest's pair_separator_id): see ``embed``.
         self.pair_separator_id: int | None = None
+        # Rows x tokens per encoder call, or None (one call): a larger batch's layer runs on chunks of
+        # rows holding at most this many tokens (``_layer``). Set for int8 (``quantize.quantize_encoder``).
+        self.chunk_tokens: int | None = None
 
     @property
     def has_checkpoint_head(self) -> bool:
@@ -139,7 +142,7 @@ class EarlyExitClassifier(nn.Module):
     def run_layer(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run encoder layer ``layer`` (1-based) on any rows: hidden and 2-D mask hold just those rows."""
         layer_mask = self.adapter.build_attention_mask(hidden, attention_mask)
-        return self.adapter.run_layer(layer - 1, hidden, layer_mask)
+        return self._layer(layer, hidden, layer_mask)
 
     def layer_mask(
         self, attention_mask: torch.Tensor, dtype: torch.dtype, padded: bool = True
@@ -151,7 +154,25 @@ class EarlyExitClassifier(nn.Module):
         self, layer: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """``run_layer`` with the batch's prebuilt ``layer_mask`` (the serving path: no mask per step)."""
-        return self.adapter.run_layer(layer - 1, hidden, layer_mask)
+        return self._layer(layer, hidden, layer_mask)
+
+    def _layer(self, layer: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
+        """The adapter's layer, on chunks of rows of at most ``chunk_tokens`` tokens where that is set.
+
+        Each row's result is its own (rows do not mix in a layer); for int8 only the per-call activation
+        scale changes with the chunk, as it changes with the batch."""
+        rows, seq = hidden.shape[0], hidden.shape[1]
+        limit = self.chunk_tokens
+        if limit is None or rows < 2 or rows * seq <= limit:
+            return self.adapter.run_layer(layer - 1, hidden, layer_mask)
+        step = max(1, limit // seq)
+        parts = []
+        for start in range(0, rows, step):
+            part_mask = layer_mask
+            if layer_mask is not None and layer_mask.shape[0] == rows:
+                part_mask = layer_mask[start : start + step]
+            parts.append(self.adapter.run_layer(layer - 1, hidden[start : start + step], part_mask))
+        return torch.cat(parts)
 
     def ramp_logits(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the ramp after layer ``layer`` (1-based): (rows, seq, hidden) -> (rows, labels).

@@ -73,6 +73,13 @@ def int8_engine(flags: frozenset[str] | None = None) -> str:
 
 Int8Weights = Literal["per_tensor", "per_channel"]
 
+# An int8 layer runs on chunks of rows of at most this many tokens. Each dynamic int8 Linear quantizes
+# its input and the feed-forward block's 1,536-wide intermediate (25 MB at 64 rows of 64 tokens) is read
+# again for that: in cache-sized chunks the layer is faster. The default model's layer on 64 rows of 64
+# tokens, 2 threads of a Zen 4 EPYC: 48 ms in one call, 37 ms in chunks of 16 or 32 rows, 40 ms in
+# chunks of 8 (float32: 98 ms in one call, 94-95 ms in chunks, so float32 runs in one call).
+INT8_CHUNK_TOKENS = 1024
+
 
 def quantize_encoder(
     model: EarlyExitClassifier, engine: str | None = None, weights: Int8Weights = "per_tensor"
@@ -103,6 +110,7 @@ def quantize_encoder(
             quantize_dynamic(model.encoder, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
         finally:
             torch.backends.quantized.engine = previous
+    model.chunk_tokens = INT8_CHUNK_TOKENS
     return model
 
 

@@ -78,3 +78,41 @@ def test_per_channel_scales_reconstruct_every_weight_closer_than_per_tensor() ->
                 total += float((w.dequantize() - floats[name]).abs().sum())
         errors[weights] = total
     assert errors["per_channel"] < errors["per_tensor"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "deberta-v2"])
+def test_a_layer_in_row_chunks_gives_each_row_its_unchunked_result(kind: str) -> None:
+    from tests.model_store.conftest import KINDS
+
+    assert kind in KINDS
+    model = tiny_model(kind)
+    ids, mask = padded_batch([7, 3, 9, 9, 2, 5, 8], pad_id=0)  # 7 rows of 9 tokens, padded
+    with torch.no_grad():
+        hidden = model.embed(ids, mask)
+        whole = model.run_layer(1, hidden, mask)
+        layer_mask = model.layer_mask(mask, hidden.dtype)
+        whole_masked = model.run_layer_masked(2, whole, layer_mask)
+        model.chunk_tokens = 20  # 2 rows of 9 tokens per call: 4 calls
+        chunked = model.run_layer(1, hidden, mask)
+        chunked_masked = model.run_layer_masked(2, whole, layer_mask)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked_masked, whole_masked, atol=1e-6, rtol=1e-5)
+
+
+def test_int8_runs_a_large_batch_in_chunks_of_its_token_limit() -> None:
+    from model_store.quantize import INT8_CHUNK_TOKENS
+
+    model = quantize_encoder(tiny_model("bert"))
+    assert model.chunk_tokens == INT8_CHUNK_TOKENS
+    model.chunk_tokens = 18  # 2 rows of 9 tokens per call
+    ids, mask = padded_batch([7, 3, 9, 9, 2, 5, 8], pad_id=0)
+    with torch.no_grad():
+        hidden = model.embed(ids, mask)
+        chunked = model.run_layer(1, hidden, mask)
+        # Each chunk quantizes its own activations: the result is exactly the chunks' own calls.
+        parts = [model.adapter.run_layer(0, hidden[i : i + 2], model.adapter.build_attention_mask(
+            hidden[i : i + 2], mask[i : i + 2])) for i in range(0, 7, 2)]  # fmt: skip
+        model.chunk_tokens = None
+        whole = model.run_layer(1, hidden, mask)
+    assert torch.equal(chunked, torch.cat(parts))
+    assert not torch.equal(chunked, whole)  # one call: one activation scale for all 7 rows
