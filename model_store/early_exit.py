@@ -161,9 +161,11 @@ class EarlyExitClassifier(nn.Module):
 
         Each row's result is its own (rows do not mix in a layer); for int8 only the per-call activation
         scale changes with the chunk, as it changes with the batch."""
-        rows, seq = hidden.shape[0], hidden.shape[1]
         limit = self.chunk_tokens
-        if limit is None or rows < 2 or rows * seq <= limit:
+        if limit is None:  # float32: one call, nothing else on the per-layer path
+            return self.adapter.run_layer(layer - 1, hidden, layer_mask)
+        rows, seq = hidden.shape[0], hidden.shape[1]
+        if rows < 2 or rows * seq <= limit:
             return self.adapter.run_layer(layer - 1, hidden, layer_mask)
         step = max(1, limit // seq)
         parts = []
