@@ -80,6 +80,7 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=reg,
         )
+        self._http_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}  # labelled once
         self._queue_wait = Histogram(
             f"{PREFIX}_queue_wait_seconds",
             "Time from admission to the first layer computed",
@@ -289,8 +290,13 @@ class ServerMetrics:
 
     def http_request(self, route: str, status: int, duration_s: float) -> None:
         """One answered HTTP request; ``route`` is a route template, never a raw path."""
-        self._requests.labels(self.model, route, str(status)).inc()
-        self._request_duration.labels(self.model, route, str(status)).observe(duration_s)
+        children = self._http_children.get((route, status))
+        if children is None:  # bounded: route templates times statuses
+            labels = (self.model, route, str(status))
+            children = (self._requests.labels(*labels), self._request_duration.labels(*labels))
+            self._http_children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def exposition(self) -> bytes:
         """The registry (in multiprocess mode: every process's samples) in the Prometheus text format."""

@@ -8,6 +8,7 @@ requests finish. uvicorn has stopped accepting connections and waited for open o
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,8 +17,9 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from server.api import routes_tei, routes_v1, routes_v2
+from server.api import fast_v1, routes_tei, routes_v1, routes_v2
 from server.api.errors import install_error_handlers
+from server.api.fast_v1 import FastClassifyMiddleware
 from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, TimingMiddleware
 from server.api.state import AppState, EngineFactory
 from server.metrics import Registry, ServerMetrics
@@ -32,11 +34,14 @@ def create_app(
     engine_factory: EngineFactory,
     registry: Registry | None = None,
     multiprocess_metrics: bool = False,
+    fast_classify: bool = True,
 ) -> FastAPI:
     """A new app serving the engine that ``engine_factory(observer)`` builds at start-up.
 
     ``registry`` receives every metric (a fresh one if not given; never the global registry).
     ``multiprocess_metrics``: one of several front-end processes (``server.metrics.ServerMetrics``).
+    ``fast_classify``: answer valid ``POST /v1/classify`` requests in ``server.api.fast_v1`` (False: all
+    through the route; tests compare the two).
     """
     metrics = ServerMetrics(settings.model, registry, multiprocess=multiprocess_metrics)
     state = AppState(settings=settings, metrics=metrics)
@@ -72,6 +77,7 @@ def create_app(
         version=API_VERSION,
         description="Early-exit BERT classification: easy inputs leave the encoder early.",
         lifespan=lifespan,
+        **_no_native_telemetry(),
     )
     app.state.exitserve = state
     install_error_handlers(app)
@@ -81,7 +87,10 @@ def create_app(
     _document_hand_read_bodies(app)
 
     # add_middleware wraps: the last added runs first. Order seen by a request:
-    # timing/metrics -> CORS -> API key -> body cap -> routes.
+    # timing/metrics -> CORS -> API key -> body cap -> (valid POST /v1/classify answered here) -> routes.
+    if fast_classify:
+        classify_route = next(r for r in routes_v1.router.routes if getattr(r, "path", None) == fast_v1.PATH)
+        app.add_middleware(FastClassifyMiddleware, state=state, route=classify_route)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(
@@ -103,6 +112,15 @@ def create_app(
         )
     app.add_middleware(TimingMiddleware, metrics=metrics)
     return app
+
+
+def _no_native_telemetry() -> dict[str, Any]:
+    """Recent FastAPI releases ask OpenTelemetry on every request whether a provider is configured
+    (several reads of the environment per request); exitserve's telemetry is its Prometheus metrics and
+    JSON logs, so that bridge is off where the installed FastAPI has it."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def _document_hand_read_bodies(app: FastAPI) -> None:

@@ -44,8 +44,11 @@ class Served:
 
 
 @asynccontextmanager
-async def serve(settings: Settings | None = None, start: bool = True) -> AsyncIterator[Served]:
-    """The app with a fresh registry and fake engine; ``start=False`` skips the lifespan (not ready)."""
+async def serve(
+    settings: Settings | None = None, start: bool = True, fast_classify: bool = True
+) -> AsyncIterator[Served]:
+    """The app with a fresh registry and fake engine; ``start=False`` skips the lifespan (not ready);
+    ``fast_classify=False``: every classify request through the FastAPI route."""
     registry = Registry()
     engines: list[FakeEngine] = []
 
@@ -53,7 +56,7 @@ async def serve(settings: Settings | None = None, start: bool = True) -> AsyncIt
         engines.append(FakeEngine(observer))
         return engines[-1]
 
-    app = create_app(settings or make_settings(), factory, registry=registry)
+    app = create_app(settings or make_settings(), factory, registry=registry, fast_classify=fast_classify)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         if not start:
