@@ -101,6 +101,7 @@ class EngineClient:
         self._info = info
         self._tokenizer = tokenizer
         self._socket: zmq.Socket[bytes] | None = None
+        self._outbox: list[bytes] = []  # encoded messages for the core, sent at the end of a loop turn
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
@@ -128,6 +129,7 @@ class EngineClient:
         if self._socket is not None:
             self._loop.remove_reader(self._fd)
             self._socket.close(linger=0)
+        self._outbox = []  # for the old core, which is gone
         socket = context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(address)
@@ -145,6 +147,7 @@ class EngineClient:
 
     def close(self) -> None:
         self._accepting = False
+        self._flush_outbox()  # aborts from the drain reach the core
         if self._socket is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._fd)
@@ -333,13 +336,28 @@ class EngineClient:
     # --- messages -----------------------------------------------------------------------------------
 
     def _send(self, message: Hello | AddRequest | AbortRequest) -> None:
+        """Queue ``message`` for the core; what is queued goes out once per turn of the event loop, as
+        one multipart message (one frame each, in order): every request a turn of the loop parsed costs
+        one wake-up of ZeroMQ's I/O threads and one read in the core, not one each."""
+        if self._socket is None:
+            return
+        self._outbox.append(encode(message))
+        if len(self._outbox) == 1:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon(self._flush_outbox)
+            else:
+                self._flush_outbox()
+
+    def _flush_outbox(self) -> None:
+        frames, self._outbox = self._outbox, []
         socket = self._socket
-        if socket is None:
+        if socket is None or not frames:
             return
         try:
-            socket.send(encode(message), zmq.NOBLOCK)
+            socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
-            logger.warning("engine core is not reading its inbox; message dropped")
+            logger.warning("engine core is not reading its inbox; %d message(s) dropped", len(frames))
         # A send may consume the socket's edge-triggered readiness: read what arrived meanwhile.
         if int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN and self._loop is not None:
             self._loop.call_soon(self._on_readable)

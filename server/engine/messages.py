@@ -173,7 +173,7 @@ class CoreSocket:
         received: list[tuple[bytes, ToCore]] = []
         while True:
             try:
-                identity, data = self._socket.recv_multipart(zmq.NOBLOCK)
+                identity, *frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 if received or timeout_s == 0.0:
                     return received
@@ -182,10 +182,11 @@ class CoreSocket:
                     return received
                 timeout_s = 0.0
                 continue
-            try:
-                received.append((identity, decode_to_core(data)))
-            except msgspec.DecodeError:  # not from a front end of ours: ignored
-                continue
+            for data in frames:  # a front end sends what one turn of its event loop queued, in order
+                try:
+                    received.append((identity, decode_to_core(data)))
+                except msgspec.DecodeError:  # not from a front end of ours: ignored
+                    continue
 
     def send(self, identity: bytes, message: ToFrontEnd) -> None:
         # A full queue means that front end is stuck or gone: its requests time out there.

@@ -293,3 +293,78 @@ async def test_stop_past_the_drain_timeout_fails_leftovers_and_drops_their_rows(
     assert "drain timeout" in str(results[0])
     # The leftovers' rows were dropped, not left to compute: only the step held at the gate ran.
     assert len(runners[0].computed) == 1
+
+
+async def test_requests_of_one_loop_turn_reach_the_core_as_one_message_in_order(loaded: LoadedModel) -> None:
+    """The client queues what one turn of the event loop sends and sends it as one multipart message:
+    one read in the core for a burst of requests, adds and aborts in the order they were made."""
+    import zmq
+
+    from model_store.tokens import RowTokenizer
+    from server.engine.client import EngineClient
+    from server.engine.errors import RequestCancelledError
+    from server.engine.info import static_model_info
+    from server.engine.messages import (
+        AbortRequest,
+        AddRequest,
+        AdmissionView,
+        Finished,
+        Hello,
+        Outputs,
+        Status,
+        decode_to_core,
+        encode,
+    )
+    from server.engine.types import NullObserver
+
+    config = EngineConfig()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    core = context.socket(zmq.ROUTER)
+    core.bind("inproc://one-turn")
+    client = EngineClient(
+        static_model_info(loaded.manifest, 0.0),
+        RowTokenizer(loaded.tokenizer, loaded.manifest.max_seq_length),
+        config,
+        NullObserver(),
+    )
+    try:
+        client.connect(1, "inproc://one-turn", context)
+        await asyncio.sleep(0.01)
+        identity, hello = core.recv_multipart()
+        assert isinstance(decode_to_core(hello), Hello)
+        core.send_multipart([identity, encode(Status(1, True, 0.5, AdmissionView(), []))])
+        for _ in range(100):
+            if client.is_ready():
+                break
+            await asyncio.sleep(0.01)
+        assert client.is_ready()
+        options = ClassifyOptions(criterion=Criterion.MAX_PROB, speed=0.5)
+        gone = asyncio.Event()
+
+        async def disconnect() -> None:
+            await gone.wait()
+
+        calls = [asyncio.ensure_future(client.classify([t], options)) for t in _texts(5, seed=3)]
+        left = asyncio.ensure_future(
+            client.classify(["the client leaves"], options, wait_disconnect=disconnect)
+        )
+        await asyncio.sleep(0.01)
+        identity, *frames = core.recv_multipart(zmq.NOBLOCK)
+        adds = [decode_to_core(f) for f in frames]
+        assert all(isinstance(m, AddRequest) for m in adds) and len(adds) == 6
+        ids = [m.request_id for m in adds]  # type: ignore[union-attr]
+        assert ids == sorted(ids)
+        gone.set()
+        with pytest.raises(RequestCancelledError):
+            await left
+        _, abort = core.recv_multipart(zmq.NOBLOCK)
+        assert decode_to_core(abort) == AbortRequest(ids[-1])
+        rows = [(0, [0.75, 0.25], 1, False)]
+        finished = [Finished(request_id, rows, 0.001, 0.002) for request_id in ids[:-1]]
+        core.send_multipart([identity, encode(Outputs(finished, []))])
+        results = await asyncio.wait_for(asyncio.gather(*calls), 5.0)
+        assert [r.rows[0].exit_layer for r in results] == [1] * 5
+    finally:
+        client.close()
+        core.close(linger=0)
+        context.term()
