@@ -27,6 +27,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)  # json.loads would build one per call
+
+
 def parse_json_strict(body: bytes) -> Any:
     """Decode ``body`` as UTF-8 JSON; 400 on invalid UTF-8, invalid JSON or duplicate keys."""
     try:
@@ -34,7 +37,7 @@ def parse_json_strict(body: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise ApiError(400, "invalid_utf8", f"request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as e:
         message = f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         raise ApiError(400, "invalid_json", message) from None
