@@ -123,6 +123,13 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def api_error_response(error: ApiError, flavour: str = "v1") -> JSONResponse:
+    """The reply to an error the API layer raised itself (its status, type, message, field, headers)."""
+    return error_response(
+        error.status_code, error.error_type, error.message, error.field, error.headers, flavour
+    )
+
+
 def status_for(error: EngineError) -> tuple[int, str]:
     """The (status, type) of an engine error, by its most specific class in the table."""
     for cls in type(error).__mro__:
@@ -198,9 +205,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         flavour = error_flavour(request.url.path)
         if isinstance(exc, ApiError):
-            return error_response(
-                exc.status_code, exc.error_type, exc.message, exc.field, exc.headers, flavour
-            )
+            return api_error_response(exc, flavour)
         error_type = HTTP_STATUS_TYPES.get(exc.status_code, "http_error")
         if exc.status_code >= 500:
             return error_response(

@@ -17,7 +17,6 @@ while the body streamed, a server still starting. Errors after validation (the e
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,13 +25,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.errors import (
     GENERIC_500_MESSAGE,
     ApiError,
+    api_error_response,
     engine_error_response,
     error_response,
 )
 from server.api.json_body import is_json_content_type, parse_json_strict
-from server.api.routes_v1 import reply_json
+from server.api.routes_v1 import answer_classify
 from server.api.schemas import ClassifyRequest
-from server.api.state import REQUEST_START_KEY, AppState, build_options, check_num_inputs, format_ms
+from server.api.state import AppState, scope_start_s, timing_headers
 from server.engine.errors import EngineError
 
 logger = logging.getLogger("exitserve.api")
@@ -72,9 +72,7 @@ class FastClassifyMiddleware:
                 if not message.get("more_body", False):
                     break
         except ApiError as e:  # the body cap, counted while it streamed
-            await _send_response(
-                error_response(e.status_code, e.error_type, e.message, e.field, e.headers), scope, send
-            )
+            await _send_response(api_error_response(e), scope, send)
             return
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
@@ -86,40 +84,22 @@ class FastClassifyMiddleware:
         await self._classify(request, scope, receive, send)
 
     async def _classify(self, request: ClassifyRequest, scope: Scope, receive: Receive, send: Send) -> None:
-        state = self.state
         try:
-            engine = state.require_engine()
-            texts = request.texts
-            check_num_inputs(len(texts), state.settings)
-            info = engine.model_info
-            options = build_options(request, info, state.settings, _start_s(scope))
-            result = await engine.classify(texts, options, wait_disconnect=receive)
-            data = reply_json(result, info.labels, request.return_probs)
+            data, result = await answer_classify(request, self.state, scope_start_s(scope), receive)
         except EngineError as e:
             await _send_response(engine_error_response(e), scope, send)
             return
         except ApiError as e:
-            await _send_response(
-                error_response(e.status_code, e.error_type, e.message, e.field, e.headers), scope, send
-            )
+            await _send_response(api_error_response(e), scope, send)
             return
         except Exception:
             logger.exception("unhandled error on POST %s", PATH)
             await _send_response(error_response(500, "internal_error", GENERIC_500_MESSAGE), scope, send)
             return
-        headers = [
-            (b"content-length", str(len(data)).encode()),
-            (b"content-type", b"application/json"),
-            (b"x-queue-time-ms", format_ms(result.queue_time_s).encode()),
-            (b"x-inference-time-ms", format_ms(result.inference_time_s).encode()),
-        ]
+        headers = [(b"content-length", str(len(data)).encode()), (b"content-type", b"application/json")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in timing_headers(result).items()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": data})
-
-
-def _start_s(scope: Scope) -> float:
-    start = scope.get(REQUEST_START_KEY)
-    return start if isinstance(start, float) else time.monotonic()
 
 
 def _json_content_type(scope: Scope) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -20,6 +21,7 @@ from server.api.schemas import (
     ModelList,
 )
 from server.api.state import (
+    AppState,
     StateDep,
     build_options,
     check_num_inputs,
@@ -144,16 +146,26 @@ def reply_json(result: EngineResult, labels: list[str], return_probs: bool) -> b
 )
 async def classify(body: ClassifyRequest, request: Request, state: StateDep) -> Any:
     """Label each input; easy inputs leave the encoder early. Timings come back in X-*-Time-Ms headers."""
+    reply, result = await answer_classify(body, state, request_start_s(request), request.receive)
+    return Response(reply, media_type="application/json", headers=timing_headers(result))
+
+
+async def answer_classify(
+    body: ClassifyRequest,
+    state: AppState,
+    start_s: float,
+    wait_disconnect: Callable[[], Awaitable[object]],
+) -> tuple[bytes, EngineResult]:
+    """The reply's bytes and the engine's result for a validated request (this route's, or the same
+    request answered by ``server.api.fast_v1``). Serialised here, once: returned as a model, FastAPI
+    would validate it against the response model again before serialising it."""
     engine = state.require_engine()
     texts = body.texts
     check_num_inputs(len(texts), state.settings)
     info = engine.model_info
-    options = build_options(body, info, state.settings, request_start_s(request))
-    result = await engine.classify(texts, options, wait_disconnect=request.receive)
-    # Serialised here, once: returned as a model, FastAPI would validate it against the response model
-    # again before serialising it (the schema still documents the route).
-    reply = reply_json(result, info.labels, body.return_probs)
-    return Response(reply, media_type="application/json", headers=timing_headers(result))
+    options = build_options(body, info, state.settings, start_s)
+    result = await engine.classify(texts, options, wait_disconnect=wait_disconnect)
+    return reply_json(result, info.labels, body.return_probs), result
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, tags=["v1"])

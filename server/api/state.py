@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
@@ -182,7 +182,12 @@ def resolve_target(request_options: RequestOptions, info: ModelInfo) -> Resolved
 
 def request_start_s(request: Request) -> float:
     """When the request arrived (set by the timing middleware), else now."""
-    start = request.scope.get(REQUEST_START_KEY)
+    return scope_start_s(request.scope)
+
+
+def scope_start_s(scope: MutableMapping[str, Any]) -> float:
+    """``request_start_s`` of an ASGI scope."""
+    start = scope.get(REQUEST_START_KEY)
     return float(start) if isinstance(start, float) else time.monotonic()
 
 
