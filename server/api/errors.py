@@ -130,6 +130,22 @@ def api_error_response(error: ApiError, flavour: str = "v1") -> JSONResponse:
     )
 
 
+def unexpected_error_response(method: str, path: str, error: BaseException) -> JSONResponse:
+    """500 with the generic message; the details go to the log."""
+    logger.exception("unhandled error on %s %s", method, path, exc_info=error)
+    return error_response(500, "internal_error", GENERIC_500_MESSAGE, flavour=error_flavour(path))
+
+
+def raised_error_response(error: Exception, method: str, path: str) -> JSONResponse:
+    """What the app's exception handlers answer for an error raised while a valid request is served:
+    an engine error, an ``ApiError``, or anything else (500, logged)."""
+    if isinstance(error, EngineError):
+        return engine_error_response(error, error_flavour(path))
+    if isinstance(error, ApiError):
+        return api_error_response(error, error_flavour(path))
+    return unexpected_error_response(method, path, error)
+
+
 def status_for(error: EngineError) -> tuple[int, str]:
     """The (status, type) of an engine error, by its most specific class in the table."""
     for cls in type(error).__mro__:
@@ -217,10 +233,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, error_type, message, None, exc.headers, flavour)
 
     async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(
-            500, "internal_error", GENERIC_500_MESSAGE, flavour=error_flavour(request.url.path)
-        )
+        return unexpected_error_response(request.method, request.url.path, exc)
 
     app.add_exception_handler(EngineError, on_engine_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -49,7 +49,7 @@ def route_template(scope: Scope) -> str:
     return path if isinstance(path, str) else UNMATCHED_ROUTE
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def scope_header(scope: Scope, name: bytes) -> str | None:
     """The first value of header ``name`` (lower case), without building a Headers object."""
     for key, value in scope["headers"]:
         if key == name:
@@ -71,7 +71,7 @@ class TimingMiddleware:
             return
         start_s = time.monotonic()
         scope[REQUEST_START_KEY] = start_s
-        request_id = request_id_from(_header(scope, b"x-request-id"))
+        request_id = request_id_from(scope_header(scope, b"x-request-id"))
         token = request_id_var.set(request_id)
         status = 500  # if the app raises before answering, ServerErrorMiddleware answers 500
         started = False

@@ -99,9 +99,9 @@ def to_response(result: EngineResult, labels: list[str], return_probs: bool) -> 
 
 
 def reply_json(result: EngineResult, labels: list[str], return_probs: bool) -> bytes:
-    """``to_response(...).model_dump_json(exclude_none=True)``, the same bytes, for a fifth of the CPU:
-    plain dicts in the schema's field order, encoded by msgspec (pydantic built and checked two models
-    per row)."""
+    """``to_response(...).model_dump_json(exclude_none=True)``, the same bytes (tested), for a quarter of
+    the CPU (2.3 against 9.6 us for a one-row reply, timeit, Zen 4): plain dicts in the schema's field
+    order, encoded by msgspec, where pydantic built and checked a model per row and one per reply."""
     reply: dict[str, Any] = {
         "model": result.model,
         "version": result.version,

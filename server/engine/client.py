@@ -147,7 +147,7 @@ class EngineClient:
 
     def close(self) -> None:
         self._accepting = False
-        self._flush_outbox()  # aborts from the drain reach the core
+        self._flush_outbox()  # what is still queued goes to the socket before it closes
         if self._socket is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._fd)
