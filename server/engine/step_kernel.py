@@ -48,15 +48,16 @@ def compute_step(
     ``max_layers`` is reached at this layer). At the model's last layer every row leaves, so nothing is
     decided there. The captured graphs call it without either (every criterion, every cap)."""
     hidden = model.run_layer_masked(layer, hidden, layer_mask)
-    logits = model.ramp_logits(layer, hidden, mask).float()
+    logits = model.ramp_logits(layer, hidden, mask, ramp_dtype=torch.float32)
     probs = torch.softmax(logits, dim=-1)
+    labels = probs.argmax(dim=-1)
     if layer >= model.num_layers:
-        flags = torch.ones((probs.shape[0], 1), dtype=probs.dtype, device=probs.device)
+        exits = torch.ones_like(labels)
     else:
         exits, patience = decide_exits(logits, criterion_codes, thresholds, patience, only_code=only_code)
         if capped:
             exits = exits | (max_layers <= layer)
-        flags = exits.to(probs.dtype).unsqueeze(1)
-    labels = probs.argmax(dim=-1, keepdim=True).to(probs.dtype)
-    packed = torch.cat([flags, labels, probs], dim=1)
+    # [flag, label] as integers (stack promotes the flag), then float32 next to the probabilities (cat
+    # promotes): two operations where converting and reshaping each column took five.
+    packed = torch.cat([torch.stack([exits, labels], dim=1), probs], dim=1)
     return StepTensors(hidden, packed, patience)

@@ -12,6 +12,7 @@ from model_store.criteria import (
     Criterion,
     PatienceState,
     decide_exits,
+    entropy,
     max_prob,
     normalized_entropy,
     threshold_for,
@@ -94,6 +95,16 @@ def test_entropy_functions_exact() -> None:
     certain = torch.tensor([[100.0, 0.0, 0.0, 0.0]])
     assert normalized_entropy(certain).item() == pytest.approx(0.0, abs=1e-6)
     assert threshold_for(Criterion.ENTROPY, 0.5, 4, 6) == pytest.approx(0.5 * math.log(4))
+
+
+def test_normalized_entropy_is_bit_for_bit_the_entropy_over_log_n() -> None:
+    # ``normalized_entropy`` divides the sum of p log p by -log N, one operation fewer than negating it
+    # first: the exit decision must not move by a single bit (thresholds sit anywhere, ties included).
+    generator = torch.Generator().manual_seed(5)
+    for num_labels in (2, 3, 7):
+        logits = torch.randn(4096, num_labels, generator=generator) * 4.0
+        expected = entropy(logits) / math.log(num_labels)
+        assert torch.equal(normalized_entropy(logits), expected)
 
 
 @pytest.mark.parametrize("speed", [-0.1, 1.5, float("nan")])
