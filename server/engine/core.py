@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -75,7 +75,10 @@ class _Live:
     admitted_s: float
     predicted_answer_s: float
     row_ids: list[int]
-    outcomes: dict[int, tuple[int, list[float], int, bool]] = field(default_factory=dict)
+    # Per input, in order: (label index, probabilities, exit layer, answered at the deadline); the
+    # request is answered when ``num_left`` (rows not yet exited) reaches 0.
+    outcomes: list[tuple[int, list[float], int, bool] | None]
+    num_left: int
     first_step_s: float | None = None
     level: DegradeLevel | None = None  # the degraded setting it runs at, if any
 
@@ -323,6 +326,8 @@ class EngineCore:
             admitted_s=now_s,
             predicted_answer_s=admitted.predicted_s,
             row_ids=[r.row_id for r in rows],
+            outcomes=[None] * len(rows),
+            num_left=len(rows),
             level=admitted.level,
         )
         if levels:  # a request that allows degradation: what it runs at is visible per speed bucket
@@ -379,6 +384,8 @@ class EngineCore:
         sampling = self.shadow.sampling
         exits_at: dict[int, int] = {}
         now_s = self._clock()
+        # The answers of one step, per front end: looked up once per front end, not once per request.
+        replies: dict[bytes, list[Finished]] = {}
         for row, row_exit in finished:
             if row.shadow:
                 self.shadow.finished(row, row_exit)
@@ -399,21 +406,25 @@ class EngineCore:
                 message = live.message
                 speed = message.speed if live.level is None else live.level.speed
                 self.shadow.offer(self._scheduler, row, row_exit, speed, message.speed_is_default)
-            if len(live.outcomes) == len(live.row_ids):
-                self._complete(live, now_s)
+            live.num_left -= 1
+            if not live.num_left:
+                to = replies.get(live.identity)
+                if to is None:
+                    to = replies[live.identity] = self._outbox_of(live.identity).finished
+                self._complete(live, now_s, to)
         num_layers = self._manifest.num_layers
         for layer, num_rows in exits_at.items():
             self._observer.row_exited(layer, num_layers, num_rows)
         self._observer.inflight(len(self._live), len(owners))
 
-    def _complete(self, live: _Live, now_s: float) -> None:
+    def _complete(self, live: _Live, now_s: float, to: list[Finished]) -> None:
+        """Answer ``live`` (every row exited) into ``to``, its front end's outbox."""
         self._scheduler.service.observe_answer(live.predicted_answer_s, now_s - live.admitted_s)
         started_s = live.first_step_s if live.first_step_s is not None else now_s
-        outcomes = live.outcomes
-        self._outbox_of(live.identity).finished.append(
+        to.append(
             Finished(
                 request_id=live.request_id,
-                rows=[outcomes[i] for i in range(len(outcomes))],
+                rows=live.outcomes,  # type: ignore[arg-type]  # every row has exited: no None is left
                 queue_time_s=started_s - live.admitted_s,
                 inference_time_s=now_s - started_s,
                 degraded=None
