@@ -621,7 +621,7 @@ class Scheduler:
             arrival.pop(row.row_id, None)  # only a waiting row's arrival is read (max_wait)
             layers = expected.get(row.row_id, float(row.max_layers))
             row_layers += layers
-            token_layers += layers * row.num_tokens
+            token_layers += layers * len(row.token_ids)
         if not waiting:  # no drift from float sums: an empty queue holds no work
             self._waiting_backlog = Backlog()
         else:
@@ -836,11 +836,15 @@ class Scheduler:
     def _head_within_caps(self, room: int) -> list[RowSpec]:
         """The longest head of the queue that fits ``room`` rows and the batch caps."""
         max_rows = min(room, self.config.max_batch_size)
+        max_tokens = self.config.max_batch_tokens
         starting: list[RowSpec] = []
         longest = 0
-        for candidate in itertools.islice(self._waiting, max_rows):
-            grown = max(longest, len(candidate.token_ids))
-            if starting and not self._fits(len(starting) + 1, grown):
+        # ``_fits`` inline (this runs for every row that starts): the row count is within the batch cap
+        # by ``max_rows``, so only the padded tokens are checked.
+        for num_rows, candidate in enumerate(itertools.islice(self._waiting, max_rows), start=1):
+            n = len(candidate.token_ids)
+            grown = longest if longest >= n else n
+            if num_rows > 1 and num_rows * grown > max_tokens:
                 break
             starting.append(candidate)
             longest = grown
