@@ -245,15 +245,17 @@ class Runner:
         return cohort.select(positions, index, self.model.adapter.mask_optional)
 
     def _embed(self, rows: list[RowSpec]) -> _CohortTensors:
-        """The step's new rows as tensors, from one flat int32 buffer: each row's token ids (padded),
-        then lengths, criterion codes, caps and thresholds (float32 bits). Rows from the front ends
-        hold their ids as ``array('i')`` (``messages.unpack_token_ids``), so the buffer is joined by
-        memcpy, with no Python object per token; one copy to the device."""
+        """The step's new rows as tensors, from one flat int32 buffer: the thresholds (float32 bits),
+        each row's token ids (padded), then lengths, criterion codes, caps and the patience state's
+        start (last label -1, none agreeing). Rows from the front ends hold their ids as ``array('i')``
+        (``messages.unpack_token_ids``), so the buffer is joined by memcpy, with no Python object per
+        token; one copy to the device, and one conversion to long for everything after the thresholds
+        (the ids, the codes, the caps and the patience state are views of it)."""
         num_rows = len(rows)
         lengths = [len(r.token_ids) for r in rows]
         longest = max(lengths)
         padded = min(lengths) < longest
-        parts: list[Any] = []
+        parts: list[Any] = [array("f", [r.threshold for r in rows])]
         for row, n in zip(rows, lengths, strict=True):
             ids = row.token_ids
             parts.append(ids if type(ids) is array else array(TOKEN_ID_TYPECODE, ids))
@@ -261,13 +263,13 @@ class Runner:
                 parts.append(self._pad_ids * (longest - n))
         codes = [r.criterion_code for r in rows]
         caps = [r.max_layers for r in rows]
-        parts.append(array(TOKEN_ID_TYPECODE, lengths + codes + caps))
-        parts.append(array("f", [r.threshold for r in rows]))
+        parts.append(array(TOKEN_ID_TYPECODE, lengths + codes + caps + [-1] * num_rows + [0] * num_rows))
         buffer = bytearray().join(parts)
         packed = self._to_device(torch.frombuffer(buffer, dtype=torch.int32))
+        longs = packed[num_rows:].long()
         ids_end = num_rows * longest
-        ids_ = packed[:ids_end].view(num_rows, longest).long()
-        meta = packed[ids_end:].view(4, num_rows)
+        ids_ = longs[:ids_end].view(num_rows, longest)
+        meta = longs[ids_end:].view(5, num_rows)
         if padded:
             mask = (torch.arange(longest, device=self.device) < meta[0].unsqueeze(1)).long()
         else:
@@ -279,10 +281,10 @@ class Runner:
             hidden=hidden,
             mask=mask,
             layer_mask=self.model.layer_mask(mask, hidden.dtype, padded=padded),
-            criterion_codes=meta[1].long(),
-            thresholds=meta[3].view(torch.float32),
+            criterion_codes=meta[1],
+            thresholds=packed[:num_rows].view(torch.float32),
             max_layers=meta[2],
-            patience=PatienceState.initial(num_rows, device=self.device),
+            patience=PatienceState(last_label=meta[3], num_agreeing=meta[4]),
             codes=frozenset(codes),
             min_max_layers=min(caps),
         )
