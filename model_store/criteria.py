@@ -66,6 +66,9 @@ def max_prob(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
 
 
+NO_LABEL = -1  # a row's previous label before its first ramp (PABEE's patience state)
+
+
 @dataclass(frozen=True)
 class PatienceState:
     """Per-row PABEE state: the previous ramp's label and how many consecutive ramps agreed on it."""
@@ -76,7 +79,7 @@ class PatienceState:
     @staticmethod
     def initial(num_rows: int, device: torch.device | str = "cpu") -> PatienceState:
         return PatienceState(
-            last_label=torch.full((num_rows,), -1, dtype=torch.long, device=device),
+            last_label=torch.full((num_rows,), NO_LABEL, dtype=torch.long, device=device),
             num_agreeing=torch.zeros(num_rows, dtype=torch.long, device=device),
         )
 

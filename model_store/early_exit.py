@@ -188,7 +188,7 @@ class EarlyExitClassifier(nn.Module):
         The ramp runs in its own dtype: with a half-precision encoder the ramps stay float32, so the
         pooled mean and the confidence that decides an exit keep full precision. ``ramp_dtype``: that
         dtype, when the caller knows it (the serving runner keeps every ramp float32), which spares
-        looking it up from the ramp's parameters at every step (~5 us on a CPU)."""
+        looking it up from the ramp's parameters at every step (a few us on a CPU)."""
         ramp = self.ramps[layer - 1]
         dtype = ramp_dtype if ramp_dtype is not None else next(iter(ramp.parameters())).dtype
         logits: torch.Tensor = ramp(hidden if hidden.dtype == dtype else hidden.to(dtype), attention_mask)

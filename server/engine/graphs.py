@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from model_store.criteria import PatienceState
+from model_store.criteria import NO_LABEL, PatienceState
 from model_store.early_exit import EarlyExitClassifier
 from server.engine.step_kernel import PACKED_HEAD, StepTensors, compute_step
 
@@ -245,13 +245,13 @@ class GraphedSteps:
                 criterion_codes=longs(0),
                 thresholds=torch.zeros((rows,), dtype=torch.float32, device=d),
                 max_layers=longs(self.model.num_layers),
-                last_label=longs(-1),
+                last_label=longs(NO_LABEL),
                 num_agreeing=longs(0),
                 out_hidden=torch.zeros((rows, seq, hidden_size), dtype=self.dtype, device=d),
                 out_packed=torch.zeros(
                     (rows, PACKED_HEAD + self.model.num_labels), dtype=torch.float32, device=d
                 ),
-                out_last_label=longs(-1),
+                out_last_label=longs(NO_LABEL),
                 out_num_agreeing=longs(0),
             )
         return self._static[key]

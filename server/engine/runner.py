@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model_store.criteria import PatienceState
+from model_store.criteria import NO_LABEL, PatienceState
 from model_store.early_exit import EarlyExitClassifier
 from server.engine.graphs import CaptureReport, CudaGraphBackend, GraphBackend, GraphedSteps
 from server.engine.messages import TOKEN_ID_TYPECODE
@@ -247,10 +247,11 @@ class Runner:
     def _embed(self, rows: list[RowSpec]) -> _CohortTensors:
         """The step's new rows as tensors, from one flat int32 buffer: the thresholds (float32 bits),
         each row's token ids (padded), then lengths, criterion codes, caps and the patience state's
-        start (last label -1, none agreeing). Rows from the front ends hold their ids as ``array('i')``
-        (``messages.unpack_token_ids``), so the buffer is joined by memcpy, with no Python object per
-        token; one copy to the device, and one conversion to long for everything after the thresholds
-        (the ids, the codes, the caps and the patience state are views of it)."""
+        start (as ``PatienceState.initial``: no label yet, none agreeing). Rows from the front ends
+        hold their ids as ``array('i')`` (``messages.unpack_token_ids``), so the buffer is joined by
+        memcpy, with no Python object per token; one copy to the device, and one conversion to long
+        for everything after the thresholds (the ids, the codes, the caps and the patience state are
+        views of it)."""
         num_rows = len(rows)
         lengths = [len(r.token_ids) for r in rows]
         longest = max(lengths)
@@ -263,7 +264,9 @@ class Runner:
                 parts.append(self._pad_ids * (longest - n))
         codes = [r.criterion_code for r in rows]
         caps = [r.max_layers for r in rows]
-        parts.append(array(TOKEN_ID_TYPECODE, lengths + codes + caps + [-1] * num_rows + [0] * num_rows))
+        parts.append(
+            array(TOKEN_ID_TYPECODE, lengths + codes + caps + [NO_LABEL] * num_rows + [0] * num_rows)
+        )
         buffer = bytearray().join(parts)
         packed = self._to_device(torch.frombuffer(buffer, dtype=torch.int32))
         longs = packed[num_rows:].long()
