@@ -57,7 +57,7 @@ def _sum_p_log_p(logits: torch.Tensor) -> torch.Tensor:
     """Sum of p log p per row: minus the entropy. Dividing it by ``-log N`` gives the normalized entropy
     bit for bit as negating it and dividing by ``log N`` would (IEEE rounding is symmetric in sign), with
     one operation fewer on the step's path; ``tests/model_store/test_criteria.py`` checks both."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
     return (log_probs.exp() * log_probs).sum(dim=-1)
 
 
@@ -117,7 +117,8 @@ def decide_exits(
     operations, so the same decisions); the patience state is then updated only for patience, since no
     other criterion reads it.
     """
-    thresholds = thresholds.to(torch.float32)
+    if thresholds.dtype != torch.float32:  # (the serving runner's are float32 already: no call per step)
+        thresholds = thresholds.float()
     if only_code is not None:
         if only_code == PATIENCE_CODE:
             patience = update_patience(patience, logits.argmax(dim=-1))

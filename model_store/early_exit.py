@@ -72,6 +72,10 @@ class EarlyExitClassifier(nn.Module):
         if final_head is not None:
             ramps.append(final_head)
         self.ramps = nn.ModuleList(ramps)
+        # Looked up at every layer step: plain attributes, not a ModuleList index (``ramp_logits``) nor the
+        # adapter's layer count through the encoder's submodules (a few us each on a CPU).
+        self._ramp_list: tuple[nn.Module, ...] = tuple(ramps)
+        self._num_layers = self.adapter.num_layers
         # Set for a model that takes text pairs (the manifest's pair_separator_id): see ``embed``.
         self.pair_separator_id: int | None = None
         # Rows x tokens per encoder call, or None (one call): a larger batch's layer runs on chunks of
@@ -128,7 +132,7 @@ class EarlyExitClassifier(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return self.adapter.num_layers
+        return self._num_layers
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Embeddings of a padded batch (rows, seq) -> (rows, seq, hidden). A pair model on an encoder with
@@ -189,7 +193,7 @@ class EarlyExitClassifier(nn.Module):
         pooled mean and the confidence that decides an exit keep full precision. ``ramp_dtype``: that
         dtype, when the caller knows it (the serving runner keeps every ramp float32), which spares
         looking it up from the ramp's parameters at every step (a few us on a CPU)."""
-        ramp = self.ramps[layer - 1]
+        ramp = self._ramp_list[layer - 1]
         dtype = ramp_dtype if ramp_dtype is not None else next(iter(ramp.parameters())).dtype
         logits: torch.Tensor = ramp(hidden if hidden.dtype == dtype else hidden.to(dtype), attention_mask)
         return logits

@@ -46,6 +46,10 @@ class EncoderAdapter(ABC):
         self.encoder = encoder
         # Submodule access below is architecture-specific; typed loosely on purpose.
         self._modules_any: Any = encoder
+        # The layer modules, looked up once: ``layers`` walks two submodule attributes and a ModuleList
+        # index (a few us per layer step on a CPU); nothing replaces a layer module after loading
+        # (int8 quantization swaps the Linear modules inside them, in place).
+        self._layer_list: tuple[nn.Module, ...] = tuple(self.layers)
 
     @property
     def num_layers(self) -> int:
@@ -114,7 +118,7 @@ class BertStyleAdapter(EncoderAdapter):
         return layers
 
     def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
-        out = self.layers[index](hidden, layer_mask)
+        out = self._layer_list[index](hidden, layer_mask)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -129,7 +133,7 @@ class MPNetAdapter(EncoderAdapter):
     def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
         # The bias depends only on (seq, seq) positions, so it is recomputed for whatever rows remain.
         position_bias = self._modules_any.encoder.compute_position_bias(hidden)
-        out = self.layers[index](hidden, layer_mask, position_bias)
+        out = self._layer_list[index](hidden, layer_mask, position_bias)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -168,7 +172,7 @@ class AlbertAdapter(EncoderAdapter):
     def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
         config = self.encoder.config
         group = int(index / (config.num_hidden_layers / config.num_hidden_groups))  # as AlbertTransformer
-        out = self.layers[group](hidden, layer_mask)
+        out = self._layer_list[group](hidden, layer_mask)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -215,7 +219,7 @@ class DebertaV2Adapter(EncoderAdapter):
 
     def run_layer(self, index: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
         encoder = self._modules_any.encoder
-        out = self.layers[index](
+        out = self._layer_list[index](
             hidden,
             layer_mask,
             relative_pos=encoder.get_rel_pos(hidden),

@@ -15,6 +15,10 @@ pinned memory and waited for on an event. In particular:
 * a step's new rows (token ids, lengths, exit policy) travel in one pinned buffer, one non-blocking copy;
   the index tensors that select survivors are pinned and copied non-blocking too.
 
+On a CPU (no transfer to save) a step reads its exit flags first and computes and reads the labels and
+probabilities only when a row leaves: a step that carries every row on, most steps of a deep model, does
+no softmax, no packing and no per-row work (``step_kernel.decide_step``).
+
 Half precision (``dtype``) applies to the encoder; the ramps and the exit decision stay float32. On CUDA,
 layer steps up to ``max_batch_size`` rows replay captured graphs (``server/engine/graphs.py``).
 """
@@ -34,7 +38,7 @@ from model_store.early_exit import EarlyExitClassifier
 from server.engine.graphs import CaptureReport, CudaGraphBackend, GraphBackend, GraphedSteps
 from server.engine.messages import TOKEN_ID_TYPECODE
 from server.engine.scheduler import RowExit, RowSpec, StepOutput, StepPlan
-from server.engine.step_kernel import StepTensors, compute_step
+from server.engine.step_kernel import DecidedStep, StepTensors, compute_step, decide_step, pack_results
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +143,9 @@ class Runner:
         self._cuda = self.device.type == "cuda"
         self._cohorts: dict[int, _CohortTensors] = {}
         self.num_result_transfers = 0  # device-to-host transfers made (one per step that computed)
+        # On a CPU with no graphs, reading the exit flags is no transfer: the step reads them first and
+        # computes and reads the replies only when a row leaves (``step_kernel``).
+        self._flags_first = not self._cuda and graph_backend is None
         self.graphs: GraphedSteps | None = None
         self.capture_report: CaptureReport | None = None
         if graph_backend is not None or (cuda_graphs and self._cuda):
@@ -175,11 +182,27 @@ class Runner:
         if not parts:
             return StepOutput(exited=(), survivors=())
         batch = _CohortTensors.concat(parts, self.model)
-
-        step = self._compute(plan.layer, batch)
+        layer = plan.layer
+        self.num_result_transfers += 1
+        if self._flags_first:
+            decided = self._decide(layer, batch)
+            if layer < self.num_layers and not plan.keep_probs and not any(decided.exits.tolist()):
+                # Nobody leaves (most steps of a deep model): no probabilities, no labels, no copy.
+                batch.hidden, batch.patience = decided.hidden, decided.patience
+                self._cohorts[plan.out_cohort_id] = batch
+                return StepOutput(
+                    exited=(),
+                    survivors=tuple(batch.row_ids),
+                    num_padded_tokens=int(batch.mask.shape[0] * batch.mask.shape[1]),
+                    num_real_tokens=sum(batch.lengths),
+                    survivors_longest=max(batch.lengths),
+                )
+            step = StepTensors(decided.hidden, pack_results(decided.exits, decided.logits), decided.patience)
+        else:
+            step = self._compute(layer, batch)
         rows = self._fetch(step.packed)
 
-        layer, batch_rows = plan.layer, batch.row_ids
+        batch_rows = batch.row_ids
         keep: list[int] = [p for p, row in enumerate(rows) if row[0] < 0.5]
         exited = [
             RowExit(r, int(row[1]), row[2:], layer)
@@ -220,6 +243,14 @@ class Runner:
             capped=batch.min_max_layers <= layer,
         )  # fmt: skip
 
+    def _decide(self, layer: int, batch: _CohortTensors) -> DecidedStep:
+        return decide_step(
+            self.model, layer, batch.hidden, batch.layer_mask, batch.mask, batch.criterion_codes,
+            batch.thresholds, batch.max_layers, batch.patience,
+            only_code=next(iter(batch.codes)) if len(batch.codes) == 1 else None,
+            capped=batch.min_max_layers <= layer,
+        )  # fmt: skip
+
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """A host tensor on the device: pinned and copied without blocking on CUDA, as is on CPU."""
         if not self._cuda:
@@ -228,7 +259,6 @@ class Runner:
 
     def _fetch(self, packed: torch.Tensor) -> list[list[float]]:
         """The step's one device-to-host transfer: into pinned memory, then wait on an event."""
-        self.num_result_transfers += 1
         if not self._cuda:
             rows: list[list[float]] = packed.tolist()
             return rows

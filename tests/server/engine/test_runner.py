@@ -15,8 +15,10 @@ from model_store.early_exit import EarlyExitClassifier
 from model_store.reference import RowPolicies, early_exit_forward
 from server.engine.graphs import EagerReplayBackend, bucket_for, row_buckets, seq_buckets
 from server.engine.messages import pack_token_ids, unpack_token_ids
+from server.engine import runner as runner_module
 from server.engine.runner import Runner, _CohortTensors
 from server.engine.scheduler import RowExit, RowSpec, Scheduler, SchedulerConfig
+from server.engine.step_kernel import pack_results
 from tests.model_store.conftest import KINDS, padded_batch, tiny_config, tiny_model
 
 pytestmark = pytest.mark.model
@@ -121,14 +123,21 @@ def test_graph_steps_beyond_the_buckets_run_eagerly() -> None:
     assert runner.graphs is not None and runner.graphs.num_replays > 0  # the short, small steps
 
 
-def test_one_result_transfer_per_step_and_no_copy_when_nobody_exits() -> None:
+def test_one_result_transfer_per_step_and_no_copy_when_nobody_exits(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model("bert", num_labels=2)
     selects: list[int] = []
+    packs: list[int] = []
 
     class Counting(Runner):
         def _select(self, cohort: _CohortTensors, positions: list[int]) -> _CohortTensors:
             selects.append(len(positions))
             return super()._select(cohort, positions)
+
+    def counted_pack(exits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        packs.append(int(exits.shape[0]))
+        return pack_results(exits, logits)
+
+    monkeypatch.setattr(runner_module, "pack_results", counted_pack)
 
     runner = Counting(model)
     rows = [
@@ -146,6 +155,25 @@ def test_one_result_transfer_per_step_and_no_copy_when_nobody_exits() -> None:
     assert steps == 4
     assert runner.num_result_transfers == steps
     assert selects == []
+    # On a CPU the exit flags are read first: the probabilities and labels are computed and read only at
+    # the step where the rows leave (the last layer here), not at the three that carry them on.
+    assert packs == [3]
+
+
+@pytest.mark.parametrize("kind", ["bert", "albert"])
+def test_reading_the_flags_first_answers_as_the_packed_transfer_does(kind: str) -> None:
+    """The CPU runner's flags-first step and the one packed transfer (a GPU's, and the graphs') give the
+    same answers bit for bit: the same decisions, labels and probabilities."""
+    model = _sharpened(kind)
+    ids, _ = padded_batch(LENGTHS, pad_id=int(model.encoder.config.pad_token_id or 0), seed=5)
+    flags_first = Runner(model)
+    packed = Runner(model)
+    assert flags_first._flags_first
+    packed._flags_first = False
+    a = _serve(flags_first, _rows(model, ids), batch_size=8)
+    b = _serve(packed, _rows(model, ids), batch_size=8)
+    assert len({r.exit_layer for r in a.values()}) >= 3, "the rows must leave at several layers"
+    assert a == b
 
 
 def test_buckets() -> None:
