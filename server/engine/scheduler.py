@@ -465,7 +465,8 @@ class Scheduler:
 
     def _decide(self, now_s: float) -> Decision:
         # A row whose deadline passes before even the cheapest step could finish is dropped now.
-        horizon_s = self.service.step_s(1, 1) if self.service.ready else 0.0
+        # (Only a row with a deadline can expire: without one, no prediction is looked up.)
+        horizon_s = self.service.step_s(1, 1) if self._deadlines and self.service.ready else 0.0
         expired = self._drop_expired(now_s + horizon_s)
         num_expired_in_flight = sum(1 for row in expired if row.row_id in self._cancelled)
         dropped = self._take_cancelled()
@@ -710,6 +711,8 @@ class Scheduler:
         order that meets the most deadlines on one machine), else the one with the most rows. A depth
         in flight passed over ``max_skips`` times runs regardless, so rows without a deadline progress.
         """
+        if len(groups) == 1:  # one depth runnable (most steps of a deep batch): whichever rule, it runs
+            return next(iter(groups))
         # Only rows holding hidden states can starve; waiting rows start once theirs is the earliest
         # deadline or the biggest group (groups in flight only shrink).
         starving = [d for d in groups if d > 0 and self._skips.get(d, 0) >= self._max_skips]
@@ -753,7 +756,11 @@ class Scheduler:
         sources: dict[int, tuple[int, ...]] = {}
         num_rows, longest = 0, 0
         # Oldest cohorts first, so a cohort split by the batch caps keeps its older rows moving.
-        for cohort in sorted(self._cohorts.values(), key=lambda c: c.cohort_id):
+        cohorts = self._cohorts
+        ordered = (
+            cohorts.values() if len(cohorts) == 1 else sorted(cohorts.values(), key=lambda c: c.cohort_id)
+        )
+        for cohort in list(ordered):  # (a list: whole cohorts leave the dict as they are taken)
             if cohort.depth != depth or cohort.shadow:
                 continue
             whole = max(longest, cohort.longest)
@@ -791,8 +798,10 @@ class Scheduler:
         cohorts pays every step's fixed cost for few rows (a third of the throughput at 2x load on the
         2-core CPU).
         """
+        if not self._waiting:
+            return []
         room = self._admission_room()
-        if room <= 0 or not self._waiting:
+        if room <= 0:
             return []
         if not self._deadlines:  # no live row has a deadline: the queue's head starts, within the caps
             return self._head_within_caps(room)

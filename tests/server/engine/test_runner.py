@@ -13,9 +13,9 @@ from transformers.masking_utils import create_bidirectional_mask
 from model_store.criteria import CRITERION_CODES, Criterion, threshold_for
 from model_store.early_exit import EarlyExitClassifier
 from model_store.reference import RowPolicies, early_exit_forward
+from server.engine import runner as runner_module
 from server.engine.graphs import EagerReplayBackend, bucket_for, row_buckets, seq_buckets
 from server.engine.messages import pack_token_ids, unpack_token_ids
-from server.engine import runner as runner_module
 from server.engine.runner import Runner, _CohortTensors
 from server.engine.scheduler import RowExit, RowSpec, Scheduler, SchedulerConfig
 from server.engine.step_kernel import pack_results
