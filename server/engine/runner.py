@@ -38,7 +38,7 @@ from model_store.early_exit import EarlyExitClassifier
 from server.engine.graphs import CaptureReport, CudaGraphBackend, GraphBackend, GraphedSteps
 from server.engine.messages import TOKEN_ID_TYPECODE
 from server.engine.scheduler import RowExit, RowSpec, StepOutput, StepPlan
-from server.engine.step_kernel import DecidedStep, StepTensors, compute_step, decide_step, pack_results
+from server.engine.step_kernel import DecidedStep, StepTensors, decide_step, pack_results
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +236,8 @@ class Runner:
             )  # fmt: skip
             if replayed is not None:
                 return replayed
-        return compute_step(
-            self.model, layer, batch.hidden, batch.layer_mask, batch.mask, batch.criterion_codes,
-            batch.thresholds, batch.max_layers, batch.patience,
-            only_code=next(iter(batch.codes)) if len(batch.codes) == 1 else None,
-            capped=batch.min_max_layers <= layer,
-        )  # fmt: skip
+        decided = self._decide(layer, batch)  # what ``compute_step`` is: the decision, then the packing
+        return StepTensors(decided.hidden, pack_results(decided.exits, decided.logits), decided.patience)
 
     def _decide(self, layer: int, batch: _CohortTensors) -> DecidedStep:
         return decide_step(
