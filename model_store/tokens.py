@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
+from model_store.ascii_tokens import AsciiWordPiece
 from model_store.errors import CorruptFileError
 
 if TYPE_CHECKING:
@@ -50,6 +51,10 @@ class RowTokenizer:
     (the batch call releases the GIL; ``hold_gil`` says when not to). The ids are the wrapper's own:
     ``tests/model_store/test_text.py`` compares them. ``encode_texts`` (training, calibration, the
     reference forward) is built on this class, so every path sees the same tokens.
+
+    Single ASCII texts of a BERT-family tokenizer take a fast path with the library's own ids
+    (``ascii_tokens.AsciiWordPiece``: 65 -> 8 us for 150 characters, 295 -> 66 us for a 2,000-character
+    email); it holds the GIL, and is short enough to.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | Tokenizer, max_seq_length: int) -> None:
@@ -66,6 +71,15 @@ class RowTokenizer:
         self._backend.enable_truncation(max_seq_length, stride=0, strategy="longest_first", direction="right")
         # encode_batch_fast skips character offsets, which serving never reads.
         self._encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        # ASCII texts of BERT-family tokenizers skip the library's per-call bookkeeping, same ids
+        # (``ascii_tokens``); None for any other tokenizer.
+        self._ascii = AsciiWordPiece.for_tokenizer(
+            self._backend,
+            max_seq_length,
+            prefix_chars=max_seq_length * PREFIX_CHARS_PER_TOKEN,
+            cut_chars=max_seq_length * CHARS_PER_TOKEN_BOUND,
+            reference=lambda text: self._library_singles([text], self._encode_holding)[0],
+        )
 
     def __call__(
         self, texts: Sequence[str | tuple[str, str]], *, hold_gil: bool = False
@@ -114,6 +128,18 @@ class RowTokenizer:
         return out
 
     def _singles(self, texts: list[str], encode: Encode) -> list[tuple[tuple[int, ...], bool]]:
+        fast = self._ascii
+        if fast is None:
+            return self._library_singles(texts, encode)
+        out = [fast(text) if text.isascii() else None for text in texts]
+        others = [i for i, row in enumerate(out) if row is None]
+        if others:
+            rows = self._library_singles([texts[i] for i in others], encode)
+            for i, row in zip(others, rows, strict=True):
+                out[i] = row
+        return out  # type: ignore[return-value]  # every None was replaced
+
+    def _library_singles(self, texts: list[str], encode: Encode) -> list[tuple[tuple[int, ...], bool]]:
         prefixes = [_prefix(t, self.max_seq_length * PREFIX_CHARS_PER_TOKEN) for t in texts]
         out: list[tuple[tuple[int, ...], bool]] = []
         again: list[int] = []
