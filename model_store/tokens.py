@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
-from model_store.ascii_tokens import AsciiWordPiece
 from model_store.errors import CorruptFileError
+from model_store.fast_tokens import FastWordPiece
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -52,8 +52,8 @@ class RowTokenizer:
     ``tests/model_store/test_text.py`` compares them. ``encode_texts`` (training, calibration, the
     reference forward) is built on this class, so every path sees the same tokens.
 
-    Single ASCII texts of a BERT-family tokenizer take a fast path with the library's own ids
-    (``ascii_tokens.AsciiWordPiece``: 65 -> 8 us for 150 characters, 295 -> 66 us for a 2,000-character
+    Single texts of a BERT-family tokenizer take a fast path with the library's own ids
+    (``fast_tokens.FastWordPiece``: 65 -> 8 us for 150 characters, 295 -> 66 us for a 2,000-character
     email); it holds the GIL, and is short enough to.
     """
 
@@ -71,9 +71,9 @@ class RowTokenizer:
         self._backend.enable_truncation(max_seq_length, stride=0, strategy="longest_first", direction="right")
         # encode_batch_fast skips character offsets, which serving never reads.
         self._encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-        # ASCII texts of BERT-family tokenizers skip the library's per-call bookkeeping, same ids
-        # (``ascii_tokens``); None for any other tokenizer.
-        self._ascii = AsciiWordPiece.for_tokenizer(
+        # Texts of BERT-family tokenizers skip the library's per-call bookkeeping, same ids
+        # (``fast_tokens``); None for any other tokenizer.
+        self._fast = FastWordPiece.for_tokenizer(
             self._backend,
             max_seq_length,
             prefix_chars=max_seq_length * PREFIX_CHARS_PER_TOKEN,
@@ -128,10 +128,10 @@ class RowTokenizer:
         return out
 
     def _singles(self, texts: list[str], encode: Encode) -> list[tuple[tuple[int, ...], bool]]:
-        fast = self._ascii
+        fast = self._fast
         if fast is None:
             return self._library_singles(texts, encode)
-        out = [fast(text) if text.isascii() else None for text in texts]
+        out = [fast(text) for text in texts]
         others = [i for i, row in enumerate(out) if row is None]
         if others:
             rows = self._library_singles([texts[i] for i in others], encode)
