@@ -16,6 +16,10 @@ server's memory. This protocol adds, per connection:
   connection gets 503 and is closed.
 
 Errors use the API's one body shape. Bodies are already bounded by ``BodyLimitMiddleware``.
+
+It also writes each response in one piece: uvicorn writes a response's head and its body apart, two
+socket writes and two TCP segments per response; here the head is held and written together with the
+first body bytes (or when the response completes without any, as a HEAD request's does).
 """
 
 from __future__ import annotations
@@ -53,6 +57,48 @@ class _HeadRejected(Exception):
         self.status = status
         self.error_type = error_type
         self.message = message
+
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _ResponseWriter:
+    """A connection's transport as its request cycles see it: each response's head (the first write
+    after the previous response completed, never the interim ``100 Continue``) is held and goes out with
+    the next write, or when the response completes without one. Pipelined requests run one after another,
+    so at most one head is held at a time."""
+
+    __slots__ = ("_head", "_head_seen", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head = b""
+        self._head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if not self._head_seen and data != _CONTINUE:
+            self._head_seen = True
+            self._head = data
+            return
+        if self._head:
+            data, self._head = self._head + data, b""
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            self._transport.write(head)
+
+    def response_complete(self) -> None:
+        self.flush()
+        self._head_seen = False
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 def default_max_connections() -> int:
@@ -102,6 +148,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             oldest._close_idle("evicted: connection cap reached")
             evicted = True
         super().connection_made(transport)
+        self._writer = _ResponseWriter(transport)
         if at_cap and not evicted:  # every connection is busy with a request
             self._reject(503, "overloaded", "too many open connections; retry later")
             return
@@ -114,6 +161,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
+        self._writer.response_complete()  # a response with no body bytes (HEAD): its head goes now
         super().on_response_complete()
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._in_head, self._head_bytes = True, 0
@@ -182,6 +230,9 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self.idle.pop(self, None)
         super().on_headers_complete()
+        # The cycle was just made; its ASGI task has not run yet (tasks start on a later loop turn).
+        if self.cycle is not None:
+            self.cycle.transport = self._writer  # type: ignore[assignment]
 
     # --- helpers -------------------------------------------------------------------------------------
 
@@ -218,6 +269,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         logger.info("refused a request head from %s: %d %s", self.client, status, message)
+        self._writer.flush()  # a response in progress keeps its place before this one
         body = error_body_bytes(error_type, message)
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:

@@ -3,6 +3,7 @@ descriptors or memory, and normal requests keep being served (server/http_protoc
 
 from __future__ import annotations
 
+import re
 import resource
 import socket
 import time
@@ -146,3 +147,33 @@ def test_default_cap_survives_more_idle_sockets_than_the_open_file_limit(
         assert "Too many open files" not in server.log()
     finally:
         assert server.terminate() == 0
+
+
+def test_pipelined_requests_are_answered_in_order_with_one_write_per_response(
+    hardened: ServerProcess,
+) -> None:
+    """Each response's head is held and written with its body (server/http_protocol.py): a HEAD
+    response (no body bytes), an interim 100 Continue and pipelined requests must still come out
+    whole and in order."""
+    body = b'{"inputs": ["hello there"]}'
+    with _connect(hardened) as sock:
+        sock.sendall(
+            b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            b"GET /no-such-route HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (len(body), body)
+        )
+        reply = _read_reply(sock)
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]
+    assert statuses == [200, 405, 200, 404], reply
+    assert reply.count(b'{"status":"ready"}') == 1 and b'"exit_layer"' in reply and b'"not_found"' in reply
+    with _connect(hardened) as sock:  # Expect: 100-continue gets its interim answer before the body
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        reply = _read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b'"exit_layer"' in reply
