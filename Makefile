@@ -56,7 +56,7 @@ bench: install
 	$(PY) -m model_store ensure-default --store $(STORE)
 	$(PY) -m loadtest bench --store $(STORE) --out-dir bench-out
 
-# The front-end ceiling (BENCHMARKS.md, "Front-end ceiling"; ~3 min): wrk against a FastAPI hello-world and
+# The front-end ceiling (BENCHMARKS.md, "Front-end ceiling"; ~10 min: 3 rounds): wrk against a FastAPI hello-world and
 # exitserve on a 1-layer model, host time per layer step, the default model's HTTP vs engine-core throughput.
 ceiling: tools
 	$(PY) -m model_store ensure-default --store $(STORE)

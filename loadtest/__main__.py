@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     ceiling.add_argument("--frontends", default="1,2", help="comma-separated --frontends values to run")
     ceiling.add_argument("--duration-s", type=float, default=10.0)
     ceiling.add_argument("--connections", type=int, default=64)
+    ceiling.add_argument(
+        "--rounds", type=int, default=3, help="times the whole set runs, servers taking turns (medians)"
+    )
     ceiling.add_argument("--skip-default-model", action="store_true", help="no core-vs-HTTP run")
     ceiling.add_argument(
         "--skip-emails", action="store_true", help="no SpamAssassin emails (implies the above)"

@@ -9,7 +9,10 @@ measured here), one input per request:
    server's own per-request cost) with each ``--frontends`` value asked for;
 
 both for a ~150-character text and a ~2,000-character email. Reported: requests/s, the ratio to
-hello-world, the server's CPU per request (every process of its tree, from /proc), latency.
+hello-world, the server's CPU per request (every process of its tree, from /proc), latency. The whole
+set runs ``--rounds`` times, hello-world and exitserve taking turns, and each figure is the median over
+the rounds (each ratio is taken within its round first): on a shared machine a neighbour's load moved a
+single run's CPU per request by 20-40 %, and taking turns spreads it over both sides.
 
 3. **host time per layer step** (``loadtest/hostcost.py``): the engine core's own Python per step at
    batch 1, 16 and 64, kernels excluded: on the 1-layer tiny model (the batch turns over every step)
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +59,7 @@ class CeilingOptions:
     wrk_threads: int = 1
     skip_default_model: bool = False
     write_markdown: bool = True
+    rounds: int = 3
     emails: list[str] = field(default_factory=list)
 
 
@@ -138,7 +143,15 @@ def _body(text: str) -> bytes:
 
 def front_end_ceiling(
     options: CeilingOptions, tiny_store: Path, texts: dict[str, str]
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The medians over ``options.rounds`` rounds (``median_rows``), and every round's rows."""
+    raw: list[dict[str, Any]] = []
+    for round_ in range(1, options.rounds + 1):
+        raw += [{**row, "round": round_} for row in _one_round(options, tiny_store, texts)]
+    return median_rows(raw), raw
+
+
+def _one_round(options: CeilingOptions, tiny_store: Path, texts: dict[str, str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     log_dir = options.out_dir / "logs"
     hello = ServerSpec(
@@ -165,7 +178,28 @@ def front_end_ceiling(
     for row in rows:
         base = next(r for r in rows if r["server"] == "hello" and r["text"] == row["text"])
         row["vs_hello"] = row["ok_rps"] / base["ok_rps"]
+        row["cpu_vs_hello"] = row["server_cpu_ms_per_request"] / base["server_cpu_ms_per_request"]
     return rows
+
+
+_MEDIAN_FIELDS = ("ok_rps", "vs_hello", "server_cpu_ms_per_request", "cpu_vs_hello", "p50_ms", "p99_ms")
+
+
+def median_rows(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (server, text, front ends), in first-seen order: the median of each figure over the
+    rounds (ratios were taken within each round), the CPU's lowest and highest, non-2xx summed."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in raw:
+        groups.setdefault((row["server"], row["text"], row["frontends"]), []).append(row)
+    out = []
+    for (server, text, frontends), rows in groups.items():
+        cpu = [r["server_cpu_ms_per_request"] for r in rows]
+        merged: dict[str, Any] = {"server": server, "text": text, "frontends": frontends}
+        merged |= {name: statistics.median(r[name] for r in rows) for name in _MEDIAN_FIELDS}
+        merged |= {"rounds": len(rows), "cpu_min_ms": min(cpu), "cpu_max_ms": max(cpu)}
+        merged |= {"non_2xx": sum(r["non_2xx"] for r in rows), "requests": sum(r["requests"] for r in rows)}
+        out.append(merged)
+    return out
 
 
 def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
@@ -179,10 +213,13 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         tiny_store = Path(tmp) / "store"
         make_tiny_store(tiny_store, "tiny-1layer", max_seq_length=128)
-        ceiling = front_end_ceiling(options, tiny_store, texts)
-        host = host_step_us(tiny_store, "tiny-1layer", batch_sizes=(1, 16, 64))
+        ceiling, ceiling_rounds = front_end_ceiling(options, tiny_store, texts)
         make_tiny_store(tiny_store, "tiny-3layer", max_seq_length=128, num_layers=3)
-        carried = carried_step_us(tiny_store, "tiny-3layer", batch_sizes=(1, 16, 64))
+        turnover_runs, carried_runs = [], []
+        for _ in range(options.rounds):  # taking turns, as above
+            turnover_runs.append(host_step_us(tiny_store, "tiny-1layer", batch_sizes=(1, 16, 64)))
+            carried_runs.append(carried_step_us(tiny_store, "tiny-3layer", batch_sizes=(1, 16, 64)))
+        host, carried = _median_by_batch(turnover_runs), _median_by_batch(carried_runs)
     document: dict[str, Any] = {
         "started": started,
         "machine": machine,
@@ -192,10 +229,14 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
             "wrk": f"{options.wrk_threads} thread(s), {options.connections} connections, "
             f"{options.duration_s:g} s, one input per request",
             "frontends": list(options.frontends),
+            "rounds": options.rounds,
         },
         "ceiling": ceiling,
+        "ceiling_rounds": ceiling_rounds,
         "host_step_us": host,
         "carried_step_us": carried,
+        "host_step_us_rounds": turnover_runs,
+        "carried_step_us_rounds": carried_runs,
     }
     if not options.skip_default_model and options.emails:
         from loadtest.core_vs_http import core_vs_http
@@ -205,6 +246,10 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
     if options.write_markdown:
         update_markdown(document, REPO_ROOT / "BENCHMARKS.md")
     return document
+
+
+def _median_by_batch(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {batch: statistics.median(run[batch] for run in runs) for batch in runs[0]}
 
 
 def markdown(document: dict[str, Any]) -> str:
@@ -219,20 +264,25 @@ def markdown(document: dict[str, Any]) -> str:
         + ", ".join(f"{x:.2f}" for x in m["load_average_1_5_15"])
         + "; after: "
         + ", ".join(f"{x:.2f}" for x in document["machine_after"]["load_average_1_5_15"])
-        + f". **Client:** wrk, {document['settings']['wrk']}, on the same cores as the server.",
+        + f". **Client:** wrk, {document['settings']['wrk']}, on the same cores as the server. "
+        f"Each figure is the median of {document['settings'].get('rounds', 1)} rounds, hello-world and "
+        "exitserve taking turns (ratios taken within each round); the CPU's range is the rounds' lowest "
+        "and highest.",
         "",
-        "| server | text | front ends | req/s | vs hello-world | server CPU ms/req | p50 ms | p99 ms "
-        "| non-2xx |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | text | front ends | req/s | vs hello-world | server CPU ms/req (range) "
+        "| CPU vs hello-world | p50 ms | p99 ms | non-2xx |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in document["ceiling"]:
+        cpu_range = f" ({r['cpu_min_ms']:.3f}–{r['cpu_max_ms']:.3f})" if "cpu_min_ms" in r else ""
         lines.append(
             f"| {r['server']} | {r['text']} | {r['frontends']} | {r['ok_rps']:,.0f} "
-            f"| {100 * r['vs_hello']:.0f} % | {r['server_cpu_ms_per_request']:.3f} | {r['p50_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {r['non_2xx']} |"
+            f"| {100 * r['vs_hello']:.0f} % | {r['server_cpu_ms_per_request']:.3f}{cpu_range} "
+            f"| {r.get('cpu_vs_hello', 1.0):.2f} x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} |"
         )
     lines += ["", "**Host time per layer step** (tiny models, CPU; the engine core's schedule + runner "
-              "bookkeeping + update + replies encoded, kernels excluded; median of the timed steps). "
+              "bookkeeping + update + replies encoded, kernels excluded; median of the timed steps, then "
+              "of the rounds). "
               "*Turnover*: 1-layer model, every row of the step is new and answered in it. *Carried*: "
               "3-layer model, the step of layer 2, whose rows come from layer 1 and go on to layer 3:", "",
               "| batch | turnover µs per step | carried µs per step |", "|---:|---:|---:|"]  # fmt: skip
@@ -278,4 +328,5 @@ def main_options(args: Any) -> CeilingOptions:
         skip_default_model=args.skip_default_model,
         write_markdown=not args.no_markdown,
         emails=emails,
+        rounds=args.rounds,
     )

@@ -1,0 +1,51 @@
+"""The ceiling's rounds: each figure is the median over rounds, each ratio taken within its round."""
+
+from __future__ import annotations
+
+from loadtest.ceiling import markdown, median_rows
+
+
+def _row(server: str, text: str, round_: int, rps: float, cpu_ms: float, vs: float, cpu_vs: float) -> dict:
+    return {
+        "server": server, "text": text, "frontends": 1, "round": round_, "ok_rps": rps, "vs_hello": vs,
+        "server_cpu_ms_per_request": cpu_ms, "cpu_vs_hello": cpu_vs, "p50_ms": 1.0 * round_,
+        "p99_ms": 2.0 * round_, "non_2xx": round_ - 1, "requests": 100,
+    }  # fmt: skip
+
+
+def test_medians_over_rounds_with_ratios_from_within_each_round() -> None:
+    raw = [
+        _row("hello", "short", 1, 5000.0, 0.20, 1.0, 1.0),
+        _row("tiny", "short", 1, 2000.0, 0.40, 0.40, 2.0),
+        _row("hello", "short", 2, 3000.0, 0.30, 1.0, 1.0),  # a neighbour slowed this round
+        _row("tiny", "short", 2, 1500.0, 0.60, 0.50, 2.0),
+        _row("hello", "short", 3, 4000.0, 0.25, 1.0, 1.0),
+        _row("tiny", "short", 3, 1800.0, 0.45, 0.45, 1.8),
+    ]
+    hello, tiny = median_rows(raw)
+    assert (hello["server"], hello["ok_rps"], hello["server_cpu_ms_per_request"]) == ("hello", 4000.0, 0.25)
+    assert tiny["ok_rps"] == 1800.0 and tiny["vs_hello"] == 0.45 and tiny["cpu_vs_hello"] == 2.0
+    assert (tiny["cpu_min_ms"], tiny["cpu_max_ms"], tiny["server_cpu_ms_per_request"]) == (0.40, 0.60, 0.45)
+    assert tiny["rounds"] == 3 and tiny["non_2xx"] == 3 and tiny["requests"] == 300
+    assert (tiny["p50_ms"], tiny["p99_ms"]) == (2.0, 4.0)
+
+
+def test_the_table_shows_the_medians_and_the_cpu_range() -> None:
+    machine = {"cpu": "x", "num_cpus": 2, "memory_gib": 1, "os": "l", "python": "3", "torch": "t",
+               "load_average_1_5_15": [0.0, 0.0, 0.0]}  # fmt: skip
+    rows = median_rows([_row("tiny", "short", r, 1000.0 * r, 0.1 * r, 0.5, 2.0) for r in (1, 2, 3)])
+    text = markdown(
+        {
+            "started": "now",
+            "commit": {"sha": "abc"},
+            "machine": machine,
+            "machine_after": machine,
+            "settings": {"wrk": "1 thread", "rounds": 3},
+            "ceiling": rows,
+            "host_step_us": {"64": 90.0},
+            "carried_step_us": {"64": 80.0},
+        }
+    )
+    assert "median of 3 rounds" in text
+    assert "| tiny | short | 1 | 2,000 | 50 % | 0.200 (0.100–0.300) | 2.00 x |" in text
+    assert "| 64 | 90 | 80 |" in text
