@@ -9,6 +9,7 @@ and secrets are never logged: log calls pass routes, statuses, counts and timing
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import os
@@ -25,10 +26,21 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) 
 
 def request_id_from(header: str | None) -> str:
     """The client's id if it is a sane token (no spaces, quotes or control characters, at most 128
-    characters: it is echoed in a header and written to logs), else a new one."""
+    characters: it is echoed in a header and written to logs), else a new one: 32 hex digits, this
+    process's 64 random bits then a count (unique, and no ``getrandom`` system call per request)."""
     if header is not None and _SANE_REQUEST_ID.match(header):
         return header
-    return os.urandom(16).hex()  # 128 random bits, as uuid4's hex (2.5 -> 0.6 us)
+    return f"{_id_prefix}{next(_id_count):016x}"
+
+
+def _new_id_prefix() -> None:
+    global _id_prefix, _id_count
+    _id_prefix, _id_count = os.urandom(8).hex(), itertools.count()
+
+
+_id_prefix, _id_count = "", itertools.count()
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked child must not repeat its parent's ids
 
 
 class JsonFormatter(logging.Formatter):

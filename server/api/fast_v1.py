@@ -26,7 +26,7 @@ from server.api.json_body import is_json_content_type, parse_json_strict
 from server.api.middleware import scope_header
 from server.api.routes_v1 import answer_classify
 from server.api.schemas import ClassifyRequest
-from server.api.state import AppState, scope_start_s, timing_headers
+from server.api.state import AppState, disconnect_watch, scope_start_s, timing_headers
 
 PATH = "/v1/classify"
 
@@ -77,7 +77,8 @@ class FastClassifyMiddleware:
 
     async def _classify(self, request: ClassifyRequest, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            data, result = await answer_classify(request, self.state, scope_start_s(scope), receive)
+            disconnect = disconnect_watch(scope, receive)
+            data, result = await answer_classify(request, self.state, scope_start_s(scope), disconnect)
         except Exception as e:  # as the app's exception handlers answer it
             await _send_response(raised_error_response(e, "POST", PATH), scope, send)
             return

@@ -111,20 +111,21 @@ class TimingMiddleware:
             route = route_template(scope)
             self.metrics.http_request(route, status, duration_s)
             level = logging.INFO if status != CLIENT_CLOSED_REQUEST else logging.DEBUG
-            access_logger.log(
-                level,
-                "%s %s %d %.1fms",
-                scope["method"],
-                route,
-                status,
-                duration_s * 1000.0,
-                extra={
-                    "method": scope["method"],
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(duration_s * 1000.0, 3),
-                },
-            )
+            if access_logger.isEnabledFor(level):  # (its arguments are not built for nothing)
+                access_logger.log(
+                    level,
+                    "%s %s %d %.1fms",
+                    scope["method"],
+                    route,
+                    status,
+                    duration_s * 1000.0,
+                    extra={
+                        "method": scope["method"],
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(duration_s * 1000.0, 3),
+                    },
+                )
             request_id_var.reset(token)
 
 
@@ -180,7 +181,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        content_length = Headers(scope=scope).get("content-length")
+        content_length = scope_header(scope, b"content-length")
         if content_length is not None:
             if not content_length.isdigit():
                 await send_error(

@@ -36,6 +36,7 @@ from server.api.state import (
     StateDep,
     build_options,
     check_num_inputs,
+    disconnect_watch,
     request_start_s,
     timing_headers,
 )
@@ -105,7 +106,9 @@ async def _classify(
     options: ClassifyOptions = build_options(knobs, info, state.settings, request_start_s(request))
     if refuse_truncated:
         options = dataclasses.replace(options, refuse_truncated=True)
-    result = await engine.classify(texts, options, wait_disconnect=request.receive)
+    result = await engine.classify(
+        texts, options, disconnect=disconnect_watch(request.scope, request.receive)
+    )
     return result, info.labels
 
 

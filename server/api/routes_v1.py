@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -25,11 +24,12 @@ from server.api.state import (
     StateDep,
     build_options,
     check_num_inputs,
+    disconnect_watch,
     request_start_s,
     timing_headers,
 )
 from server.engine.types import ClassifyResult as EngineResult
-from server.engine.types import ModelInfo
+from server.engine.types import DisconnectWatch, ModelInfo
 from server.metrics import EXPOSITION_CONTENT_TYPE
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -146,7 +146,8 @@ def reply_json(result: EngineResult, labels: list[str], return_probs: bool) -> b
 )
 async def classify(body: ClassifyRequest, request: Request, state: StateDep) -> Any:
     """Label each input; easy inputs leave the encoder early. Timings come back in X-*-Time-Ms headers."""
-    reply, result = await answer_classify(body, state, request_start_s(request), request.receive)
+    disconnect = disconnect_watch(request.scope, request.receive)
+    reply, result = await answer_classify(body, state, request_start_s(request), disconnect)
     return Response(reply, media_type="application/json", headers=timing_headers(result))
 
 
@@ -154,7 +155,7 @@ async def answer_classify(
     body: ClassifyRequest,
     state: AppState,
     start_s: float,
-    wait_disconnect: Callable[[], Awaitable[object]],
+    disconnect: DisconnectWatch,
 ) -> tuple[bytes, EngineResult]:
     """The reply's bytes and the engine's result for a validated request (this route's, or the same
     request answered by ``server.api.fast_v1``). Serialised here, once: returned as a model, FastAPI
@@ -164,7 +165,7 @@ async def answer_classify(
     check_num_inputs(len(texts), state.settings)
     info = engine.model_info
     options = build_options(body, info, state.settings, start_s)
-    result = await engine.classify(texts, options, wait_disconnect=wait_disconnect)
+    result = await engine.classify(texts, options, disconnect=disconnect)
     return reply_json(result, info.labels, body.return_probs), result
 
 

@@ -43,6 +43,7 @@ from server.api.state import (
     StateDep,
     build_options,
     check_num_inputs,
+    disconnect_watch,
     request_start_s,
     timing_headers,
 )
@@ -354,7 +355,9 @@ async def _infer(state: AppState, info: ModelInfo, request: Request) -> Response
         as_binary = dict.fromkeys(output_names, all_binary)
     else:
         as_binary = {o.name: bool((o.parameters or {}).get("binary_data")) for o in body.outputs}
-    result = await engine.classify(texts, options, wait_disconnect=request.receive)
+    result = await engine.classify(
+        texts, options, disconnect=disconnect_watch(request.scope, request.receive)
+    )
     reply = InferResponse(
         model_name=result.model,
         model_version=result.version,

@@ -2,9 +2,9 @@
 
 One ``EngineClient`` per front-end process (or per in-process engine). It tokenizes its own requests, sends
 ``AddRequest`` and awaits one future per request; a reader callback on the event loop resolves the futures
-from the core's batched ``Outputs``. Nothing here wakes on a timer per request: a disconnect is noticed by
-an ASGI ``receive`` that returns only when the client goes away (then an ``AbortRequest`` goes out), and
-deadlines are the core's to check.
+from the core's batched ``Outputs``. Nothing here wakes on a timer per request: a disconnect is told by the
+HTTP connection itself (``DisconnectWatch``; then an ``AbortRequest`` goes out), and deadlines are the
+core's to check.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import zmq
 
@@ -46,6 +46,7 @@ from server.engine.messages import (
 from server.engine.types import (
     ClassifyOptions,
     ClassifyResult,
+    DisconnectWatch,
     EngineConfig,
     EngineObserver,
     Inputs,
@@ -70,7 +71,6 @@ _ERROR_KINDS: dict[str, type[EngineError]] = {
     if isinstance(cls, type) and issubclass(cls, EngineError)
 }
 
-WaitDisconnect = Callable[[], Awaitable[object]]
 CRITERIA = {code: criterion for criterion, code in CRITERION_CODES.items()}
 
 
@@ -187,12 +187,11 @@ class EngineClient:
         self,
         texts: Inputs,
         options: ClassifyOptions,
-        wait_disconnect: WaitDisconnect | None = None,
+        disconnect: DisconnectWatch | None = None,
     ) -> ClassifyResult:
         """Classify ``texts``; raises an ``EngineError`` subclass on refusal, timeout or failure.
 
-        ``wait_disconnect``: an awaitable that returns only when the client has gone away (the ASGI
-        ``receive`` after the body was read); the request's rows are then dropped.
+        ``disconnect``: tells when the client has gone away; the request's rows are then dropped.
         """
         if not self.is_ready():
             raise NotReadyError("engine is not ready")
@@ -250,18 +249,15 @@ class EngineClient:
                 ],
             )
         )
-        if wait_disconnect is None:
+        if disconnect is None:
             return await future
-        watch = asyncio.ensure_future(wait_disconnect())
-        watch.add_done_callback(lambda task: self._client_gone(request_id, task))
+        stop_watching = disconnect.watch(partial(self._client_gone, request_id))
         try:
             return await future
         finally:
-            watch.cancel()
+            stop_watching()
 
-    def _client_gone(self, request_id: int, task: asyncio.Future[object]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
+    def _client_gone(self, request_id: int) -> None:
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return

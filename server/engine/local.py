@@ -18,7 +18,7 @@ import zmq
 
 from model_store.store import LoadedModel
 from model_store.tokens import RowTokenizer
-from server.engine.client import EngineClient, WaitDisconnect
+from server.engine.client import EngineClient
 from server.engine.core import EngineCore, RunnerFactory, default_runner
 from server.engine.errors import NotReadyError
 from server.engine.info import expected_agreement, static_model_info
@@ -26,6 +26,7 @@ from server.engine.messages import CoreSocket
 from server.engine.types import (
     ClassifyOptions,
     ClassifyResult,
+    DisconnectWatch,
     EngineConfig,
     EngineObserver,
     Inputs,
@@ -192,6 +193,6 @@ class LocalEngine:
         return self.client.model_info
 
     async def classify(
-        self, texts: Inputs, options: ClassifyOptions, wait_disconnect: WaitDisconnect | None = None
+        self, texts: Inputs, options: ClassifyOptions, disconnect: DisconnectWatch | None = None
     ) -> ClassifyResult:
-        return await self.client.classify(texts, options, wait_disconnect)
+        return await self.client.classify(texts, options, disconnect)

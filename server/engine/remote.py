@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import zmq
 
-from server.engine.client import EngineClient, WaitDisconnect
+from server.engine.client import EngineClient
 from server.engine.errors import NotReadyError
-from server.engine.types import ClassifyOptions, ClassifyResult, Inputs, ModelInfo
+from server.engine.types import ClassifyOptions, ClassifyResult, DisconnectWatch, Inputs, ModelInfo
 
 WATCH_INTERVAL_S = 0.05
 
@@ -92,6 +92,6 @@ class RemoteEngine:
         return self.client.model_info
 
     async def classify(
-        self, texts: Inputs, options: ClassifyOptions, wait_disconnect: WaitDisconnect | None = None
+        self, texts: Inputs, options: ClassifyOptions, disconnect: DisconnectWatch | None = None
     ) -> ClassifyResult:
-        return await self.client.classify(texts, options, wait_disconnect)
+        return await self.client.classify(texts, options, disconnect)

@@ -5,6 +5,7 @@ Nothing here imports torch, fastapi or prometheus_client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -66,7 +67,9 @@ class ClassifyOptions:
     refuse_truncated: bool = False  # an input longer than the model takes is a 413, not cut (TEI's default)
 
 
-@dataclass(frozen=True)
+# The two records built per answer are slotted, not frozen: a frozen dataclass builds through
+# ``object.__setattr__`` per field (RowOutcome: ~1.3 vs ~0.4 us). Nothing mutates them.
+@dataclass(slots=True)
 class RowOutcome:
     """The answer for one input."""
 
@@ -83,7 +86,7 @@ class RowOutcome:
     full_depth_agreement: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ClassifyResult:
     """The answer for one request, with the timings that go back in response headers."""
 
@@ -119,6 +122,16 @@ class ModelInfo:
     provenance: dict[str, object] = field(default_factory=dict)
     live_guard: dict[str, object] | None = None  # live agreement per speed bucket, auto-adjust state
     input_kind: str = "text"  # "text" or "pair" (the manifest's input_kind)
+
+
+class DisconnectWatch(Protocol):
+    """Tells when a request's client has gone away (``server/api/state.py``: from the HTTP connection
+    itself, or by reading the ASGI ``receive``)."""
+
+    def watch(self, on_gone: Callable[[], None]) -> Callable[[], None]:
+        """Call ``on_gone`` (once, on the event loop) when the client goes away; returns the function
+        that stops watching."""
+        ...
 
 
 class EngineObserver(Protocol):

@@ -1,11 +1,12 @@
-"""The response writer of server/http_protocol.py: one socket write per response, in order."""
+"""server/http_protocol.py's response writer (one socket write per response, in order) and connection
+watch (the requests waiting on a connection are told when it is lost, with no task per request)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import cast
 
-from server.http_protocol import _CONTINUE, _ResponseWriter
+from server.http_protocol import _CONTINUE, _ConnectionWatch, _ResponseWriter
 
 
 class _Transport:
@@ -74,3 +75,31 @@ def test_close_and_flush_write_a_held_head_first() -> None:
     writer.flush()
     writer.flush()
     assert transport.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
+
+
+async def test_the_requests_watching_a_lost_connection_are_told_once() -> None:
+    watch = _ConnectionWatch(asyncio.get_running_loop())
+    told: list[str] = []
+    watch.watch(lambda: told.append("a"))
+    stop_b = watch.watch(lambda: told.append("b"))
+    stop_c = watch.watch(lambda: told.append("c"))
+    stop_b()  # answered: it stops watching
+    stop_b()  # twice is harmless
+    watch.connection_lost()
+    assert told == []  # on the event loop, not inside connection_lost
+    await asyncio.sleep(0)
+    assert told == ["a", "c"]
+    stop_c()  # after the loss: nothing left to stop, nothing happens
+    watch.connection_lost()
+    await asyncio.sleep(0)
+    assert told == ["a", "c"]
+
+
+async def test_a_request_that_watches_after_the_loss_is_told_at_once() -> None:
+    watch = _ConnectionWatch(asyncio.get_running_loop())
+    watch.connection_lost()
+    told: list[int] = []
+    stop = watch.watch(lambda: told.append(1))
+    await asyncio.sleep(0)
+    assert told == [1]
+    stop()

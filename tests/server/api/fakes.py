@@ -7,12 +7,18 @@ the real engine: one queue wait per request, one layer step per layer, one exit 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from model_store.criteria import Criterion
 from server.engine.errors import NotReadyError
-from server.engine.types import ClassifyOptions, ClassifyResult, EngineObserver, ModelInfo, RowOutcome
+from server.engine.types import (
+    ClassifyOptions,
+    ClassifyResult,
+    DisconnectWatch,
+    EngineObserver,
+    ModelInfo,
+    RowOutcome,
+)
 
 NUM_LAYERS = 4
 LABELS = ["ham", "spam"]
@@ -83,7 +89,7 @@ class FakeEngine:
         self,
         texts: list[str],
         options: ClassifyOptions,
-        wait_disconnect: Callable[[], Awaitable[object]] | None = None,
+        disconnect: DisconnectWatch | None = None,
     ) -> ClassifyResult:
         self.calls.append((texts, options))
         if self.error is not None:

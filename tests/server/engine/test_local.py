@@ -14,6 +14,7 @@ from model_store.criteria import Criterion
 from model_store.reference import RowPolicies, early_exit_forward
 from model_store.store import LoadedModel
 from model_store.text import encode_texts
+from server.api.state import ReceiveWatch
 from server.engine.errors import BatchFailedError, DeadlineExceededError, NotReadyError, QueueFullError
 from server.engine.local import LocalEngine as Engine
 from server.engine.runner import Runner
@@ -255,7 +256,9 @@ async def test_disconnected_client_is_dropped_before_compute(loaded: LoadedModel
     try:
         first = asyncio.create_task(engine.classify(["first"], options))
         await asyncio.sleep(0.2)  # first is computing (held at the gate); second waits in the queue
-        second = asyncio.create_task(engine.classify(["second", "more"], options, wait_disconnect))
+        second = asyncio.create_task(
+            engine.classify(["second", "more"], options, ReceiveWatch(wait_disconnect))
+        )
         await asyncio.sleep(0.1)
         gone.set()  # the client of the second request goes away
         with pytest.raises(RequestCancelledError):
@@ -346,7 +349,7 @@ async def test_requests_of_one_loop_turn_reach_the_core_as_one_message_in_order(
 
         calls = [asyncio.ensure_future(client.classify([t], options)) for t in _texts(5, seed=3)]
         left = asyncio.ensure_future(
-            client.classify(["the client leaves"], options, wait_disconnect=disconnect)
+            client.classify(["the client leaves"], options, disconnect=ReceiveWatch(disconnect))
         )
         await asyncio.sleep(0.01)
         identity, *frames = core.recv_multipart(zmq.NOBLOCK)
