@@ -205,6 +205,9 @@ def median_rows(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
     from loadtest.hostcost import carried_step_us, host_step_us
     from loadtest.tiny import make_tiny_store
+    from loadtest.tokenizer_cost import tokenizer_cost
+    from model_store.store import ModelStore
+    from model_store.tokens import load_tokenizer_file
 
     options.out_dir.mkdir(parents=True, exist_ok=True)
     started = now_iso()
@@ -220,6 +223,10 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
             turnover_runs.append(host_step_us(tiny_store, "tiny-1layer", batch_sizes=(1, 16, 64)))
             carried_runs.append(carried_step_us(tiny_store, "tiny-3layer", batch_sizes=(1, 16, 64)))
         host, carried = _median_by_batch(turnover_runs), _median_by_batch(carried_runs)
+        tokenizer = tokenizer_cost(
+            load_tokenizer_file(ModelStore(tiny_store).version_dir("tiny-1layer")), 128,
+            texts, options.emails, rounds=options.rounds,
+        )  # fmt: skip
     document: dict[str, Any] = {
         "started": started,
         "machine": machine,
@@ -235,6 +242,7 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
         "ceiling_rounds": ceiling_rounds,
         "host_step_us": host,
         "carried_step_us": carried,
+        "tokenizer_us": tokenizer,
         "host_step_us_rounds": turnover_runs,
         "carried_step_us_rounds": carried_runs,
     }
@@ -290,6 +298,22 @@ def markdown(document: dict[str, Any]) -> str:
     for batch, us in document["host_step_us"].items():
         other = carried.get(batch)
         lines.append(f"| {batch} | {us:.0f} | {'' if other is None else f'{other:.0f}'} |")
+    tokenizer = document.get("tokenizer_us")
+    if tokenizer:
+        lines += [
+            "",
+            "**Tokenizer per text** (the tiny model's MiniLM tokenizer, 128 tokens, one text per call as a "
+            "front end makes it; the Rust library alone vs the BERT fast path, `model_store/fast_tokens.py`; "
+            "the first pass starts from an empty word cache and few characters learned, the second is warm):",
+            "",
+            "| texts | how many | library µs per text | fast path µs, first pass | fast path µs, again |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, t in tokenizer.items():
+            lines.append(
+                f"| {name} | {t['num_texts']:,.0f} | {t['library_us']:.1f} | {t['fast_us']:.1f} "
+                f"| {t.get('fast_again_us', t['fast_us']):.1f} |"
+            )
     core = document.get("core_vs_http")
     if core:
         lines += [

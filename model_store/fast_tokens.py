@@ -13,13 +13,14 @@ How it stays exact: nothing of the tokenizer is written here by hand. What the n
 character, and what the pre-tokenizer does with each character that produces (keep it in a word, split
 on it, or isolate it as punctuation), is read off the tokenizer itself, one probe per character: every
 ASCII character at construction, any other the first time a text holds it. A word's pieces come from the
-Rust tokenizer (one call per word not seen before, then cached); the special tokens around a text come
-from encoding a probe. Then a probe set (every ASCII character, accents, CJK, truncation, over-long
-words) is compared with the library's own answers, and any difference turns the fast path off for this
-tokenizer. A character the probes cannot pin down (its output is not framed by the probe's neighbours,
-is a combining mark canonical reordering could move, or splits in some other way) sends every text that
-holds it to the library. ``tests/model_store/test_fast_tokens.py`` compares the two on every email of the
-SpamAssassin corpus and on random texts across scripts, controls, marks and spaces.
+Rust tokenizer (one call per word not seen before, then cached), except a word that is itself in the
+vocabulary: that is its one token (WordPiece's first match is the whole word). The special tokens around
+a text come from encoding a probe. Then a probe set (every ASCII character, accents, CJK, truncation,
+over-long words) is compared with the library's own answers, and any difference turns the fast path off
+for this tokenizer. A character the probes cannot pin down (its output is not framed by the probe's
+neighbours, is a combining mark canonical reordering could move, or splits in some other way) sends every
+text that holds it to the library. ``tests/model_store/test_fast_tokens.py`` compares the two on every
+email of the SpamAssassin corpus and on random texts across scripts, controls, marks and spaces.
 
 It applies to tokenizers made of ``BertNormalizer``, ``BertPreTokenizer`` and ``WordPiece`` (the BERT
 family's ``tokenizer.json``: MiniLM, BERT, DistilBERT, ELECTRA) and to single texts; every other
@@ -48,6 +49,9 @@ MAX_CACHED_WORDS = 1 << 16
 # Words this long or longer are not cached (WordPiece maps words over its 100-character limit to [UNK];
 # long ones are rare and mostly unique).
 MAX_CACHED_WORD_CHARS = 48
+# Characters learned at most (each ~100 bytes over the table and sets): past this, a text with a character
+# not yet learned goes to the library, so random Unicode cannot grow a front end without bound.
+MAX_LEARNED_CHARS = 1 << 15
 _ASCII = frozenset(chr(c) for c in range(128))
 
 Reference = Callable[[str], tuple[tuple[int, ...], bool]]
@@ -79,6 +83,12 @@ class FastWordPiece:
         self._prefix_chars = prefix_chars
         self._cut_chars = cut_chars
         self._cache: dict[str, list[int]] = {}
+        # A word that is itself in the vocabulary is that one token (WordPiece's first match is the whole
+        # word): no library call for it even the first time. Words never hold punctuation, so the
+        # vocabulary's "##" pieces and special tokens can never be looked up here.
+        model = words_only.model
+        max_chars = int(getattr(model, "max_input_chars_per_word", 0))
+        self._whole_words = {w: [i] for w, i in words_only.get_vocab().items() if len(w) <= max_chars}
         # What the normalizer makes of each character seen (absent: itself), with every character the
         # pre-tokenizer splits on made a plain space; ``_known`` is updated last, so a reader that finds
         # a character there finds its table entry and the split pattern that covers it.
@@ -131,7 +141,9 @@ class FastWordPiece:
             chars = set(text[: self._cut_chars])
             if not chars <= self._known:
                 new = chars - self._known
-                if new & self._refused or not self._learn(new):
+                if new & self._refused or len(self._known) + len(new) > MAX_LEARNED_CHARS:
+                    return None
+                if not self._learn(new):
                     return None
         if len(text) > self._prefix_chars:
             # A long text: its first characters usually hold more tokens than fit. The last word of the
@@ -161,6 +173,8 @@ class FastWordPiece:
         room = self._room
         for word in words:
             pieces = cache.get(word)
+            if pieces is None:
+                pieces = self._whole_words.get(word)
             if pieces is None:
                 pieces = list(self._encode_word(word, add_special_tokens=False).ids)
                 if len(word) < MAX_CACHED_WORD_CHARS:

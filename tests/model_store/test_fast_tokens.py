@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Tokenizer, normalizers
 from transformers import AutoTokenizer, BertTokenizerFast
 
+from model_store import fast_tokens
 from model_store.data import load_spam_assassin
 from model_store.fast_tokens import MAX_CACHED_WORDS, FastWordPiece
 from model_store.text import RowTokenizer
@@ -148,6 +149,17 @@ def test_the_word_cache_is_bounded(minilm: Tokenizer) -> None:
     texts = [f"w{i} x{i}" for i in range(MAX_CACHED_WORDS // 2 + 10)]
     assert rows(texts) == _library(minilm, 16)(texts)
     assert 0 < len(fast._cache) <= MAX_CACHED_WORDS
+
+
+def test_characters_past_the_learning_cap_go_to_the_library(
+    minilm: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = RowTokenizer(minilm, 32)._fast
+    assert fast is not None
+    monkeypatch.setattr(fast_tokens, "MAX_LEARNED_CHARS", len(fast._known) + 2)
+    assert fast("señor") is not None and "ñ" in fast._known  # one new character: learned
+    assert fast("한국어") is None and "한" not in fast._known  # three more: over the cap
+    assert fast("señor again") is not None  # what was learned still serves
 
 
 def test_threads_learning_new_characters_agree(minilm: Tokenizer) -> None:
