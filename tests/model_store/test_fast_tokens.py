@@ -88,8 +88,7 @@ def test_every_email_of_the_corpus_gets_the_library_ids(minilm: Tokenizer) -> No
     splits = load_spam_assassin(REPO_CACHE)
     texts = [e.text for part in (splits.train, splits.dev, splits.test) for e in part]
     assert len(texts) > 5800 and sum(not t.isascii() for t in texts) > 200
-    for max_len in (64, 128):
-        assert RowTokenizer(minilm, max_len)(texts) == _library(minilm, max_len)(texts)
+    assert RowTokenizer(minilm, 128)(texts) == _library(minilm, 128)(texts)  # the default models' length
 
 
 def test_characters_are_learned_once_and_combining_marks_go_to_the_library(minilm: Tokenizer) -> None:
