@@ -273,6 +273,8 @@ def markdown(document: dict[str, Any]) -> str:
         + "; after: "
         + ", ".join(f"{x:.2f}" for x in document["machine_after"]["load_average_1_5_15"])
         + f". **Client:** wrk, {document['settings']['wrk']}, on the same cores as the server. "
+        "exitserve runs with `--log-level warning` (no access log; the default, info, writes a line per "
+        "request), otherwise its defaults. "
         f"Each figure is the median of {document['settings'].get('rounds', 1)} rounds, hello-world and "
         "exitserve taking turns (ratios taken within each round); the CPU's range is the rounds' lowest "
         "and highest.",
@@ -321,7 +323,8 @@ def markdown(document: dict[str, Any]) -> str:
             f"**HTTP vs the engine core alone** ({core['model']}, speed {core['speed']}, "
             f"{core['num_emails']} real emails, one per request, {core['connections']} in flight): core "
             f"fed directly {core['core_rps']:,.1f} rows/s; HTTP ({core['frontends']} front end(s), wrk) "
-            f"{core['http_rps']:,.1f} req/s, non-2xx {core['http_non_2xx']}, server CPU "
+            f"{core['http_rps']:,.1f} req/s (`--max-queue-wait-ms none --log-level warning`, otherwise the "
+            f"defaults), non-2xx {core['http_non_2xx']}, server CPU "
             f"{core['http_cpu_ms_per_request']:.2f} ms/req: **{100 * core['ratio']:.0f} %** of the core's "
             "own throughput.",
         ]

@@ -38,8 +38,7 @@ def tokenizer_cost(
     empty word cache) every round."""
     from model_store.tokens import RowTokenizer
 
-    library = RowTokenizer(tokenizer, max_seq_length)
-    library._fast = None  # every text through the library
+    library = RowTokenizer(tokenizer, max_seq_length, fast_path=False)
     kinds = {name: [text] * 2000 for name, text in samples.items()}
     kinds["corpus, ASCII emails"] = [t for t in corpus if t.isascii()]
     kinds["corpus, other emails"] = [t for t in corpus if not t.isascii()]

@@ -53,13 +53,17 @@ class RowTokenizer:
     reference forward) is built on this class, so every path sees the same tokens.
 
     Single texts of a BERT-family tokenizer take a fast path with the library's own ids
-    (``fast_tokens.FastWordPiece``: 65 -> 8 us for 150 characters, 295 -> 66 us for a 2,000-character
-    email); it holds the GIL, and is short enough to.
+    (``fast_tokens.FastWordPiece``; its cost against the library's: ``make ceiling``, BENCHMARKS.md); it
+    holds the GIL, and is short enough to (tens of microseconds for an email).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | Tokenizer, max_seq_length: int) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase | Tokenizer, max_seq_length: int, *, fast_path: bool = True
+    ) -> None:
         """``tokenizer``: a Hugging Face fast tokenizer (its Rust backend is copied), or the Rust
-        tokenizer itself (``load_tokenizer_file``: what a front end loads, without transformers)."""
+        tokenizer itself (``load_tokenizer_file``: what a front end loads, without transformers).
+        ``fast_path=False``: every text through the library (the reference the fast path is compared
+        with, in tests and ``loadtest/tokenizer_cost.py``)."""
         self.max_seq_length = max_seq_length
         backend = (
             tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
@@ -73,12 +77,16 @@ class RowTokenizer:
         self._encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         # Texts of BERT-family tokenizers skip the library's per-call bookkeeping, same ids
         # (``fast_tokens``); None for any other tokenizer.
-        self._fast = FastWordPiece.for_tokenizer(
-            self._backend,
-            max_seq_length,
-            prefix_chars=max_seq_length * PREFIX_CHARS_PER_TOKEN,
-            cut_chars=max_seq_length * CHARS_PER_TOKEN_BOUND,
-            reference=lambda text: self._library_singles([text], self._encode_holding)[0],
+        self._fast = (
+            FastWordPiece.for_tokenizer(
+                self._backend,
+                max_seq_length,
+                prefix_chars=max_seq_length * PREFIX_CHARS_PER_TOKEN,
+                cut_chars=max_seq_length * CHARS_PER_TOKEN_BOUND,
+                reference=lambda text: self._library_singles([text], self._encode_holding)[0],
+            )
+            if fast_path
+            else None
         )
 
     def __call__(

@@ -35,9 +35,7 @@ def minilm() -> Tokenizer:
 
 def _library(tokenizer: Tokenizer, max_len: int) -> RowTokenizer:
     """The same RowTokenizer with the fast path off: every text through the library."""
-    rows = RowTokenizer(tokenizer, max_len)
-    rows._fast = None
-    return rows
+    return RowTokenizer(tokenizer, max_len, fast_path=False)
 
 
 def _random_texts(rng: random.Random, n: int, alphabet: str) -> list[str]:
