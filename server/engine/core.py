@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from model_store.store import LoadedModel
-from server.engine.admission import DegradeLevel
+from server.engine.admission import MIN_PREDICTION_TO_LEARN_S, DegradeLevel
 from server.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
@@ -419,7 +419,8 @@ class EngineCore:
 
     def _complete(self, live: _Live, now_s: float, to: list[Finished]) -> None:
         """Answer ``live`` (every row exited) into ``to``, its front end's outbox."""
-        self._scheduler.service.observe_answer(live.predicted_answer_s, now_s - live.admitted_s)
+        if live.predicted_answer_s >= MIN_PREDICTION_TO_LEARN_S:  # (else it teaches nothing: no call)
+            self._scheduler.service.observe_answer(live.predicted_answer_s, now_s - live.admitted_s)
         started_s = live.first_step_s if live.first_step_s is not None else now_s
         to.append(
             Finished(

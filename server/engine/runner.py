@@ -15,9 +15,10 @@ pinned memory and waited for on an event. In particular:
 * a step's new rows (token ids, lengths, exit policy) travel in one pinned buffer, one non-blocking copy;
   the index tensors that select survivors are pinned and copied non-blocking too.
 
-On a CPU (no transfer to save) a step reads its exit flags first and computes and reads the labels and
-probabilities only when a row leaves: a step that carries every row on, most steps of a deep model, does
-no softmax, no packing and no per-row work (``step_kernel.decide_step``).
+On a CPU (no transfer to save) a step reads its exit flags first (none at the last layer, where every
+row leaves) and computes and reads the labels and probabilities only when a row leaves, as two lists
+(``step_kernel.host_results``), never packed: a step that carries every row on, most steps of a deep
+model, does no softmax and no per-row work (``step_kernel.decide_step``).
 
 Half precision (``dtype``) applies to the encoder; the ramps and the exit decision stay float32. On CUDA,
 layer steps up to ``max_batch_size`` rows replay captured graphs (``server/engine/graphs.py``).
@@ -28,6 +29,8 @@ from __future__ import annotations
 import logging
 from array import array
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -38,9 +41,15 @@ from model_store.early_exit import EarlyExitClassifier
 from server.engine.graphs import CaptureReport, CudaGraphBackend, GraphBackend, GraphedSteps
 from server.engine.messages import TOKEN_ID_TYPECODE
 from server.engine.scheduler import RowExit, RowSpec, StepOutput, StepPlan
-from server.engine.step_kernel import DecidedStep, StepTensors, decide_step, pack_results
+from server.engine.step_kernel import DecidedStep, StepTensors, decide_step, host_results, pack_results
 
 logger = logging.getLogger(__name__)
+
+_token_ids = attrgetter("token_ids")
+_threshold = attrgetter("threshold")
+_criterion_code = attrgetter("criterion_code")
+_max_layers = attrgetter("max_layers")
+_row_id = attrgetter("row_id")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -185,21 +194,8 @@ class Runner:
         layer = plan.layer
         self.num_result_transfers += 1
         if self._flags_first:
-            decided = self._decide(layer, batch)
-            if layer < self.num_layers and not plan.keep_probs and not any(decided.exits.tolist()):
-                # Nobody leaves (most steps of a deep model): no probabilities, no labels, no copy.
-                batch.hidden, batch.patience = decided.hidden, decided.patience
-                self._cohorts[plan.out_cohort_id] = batch
-                return StepOutput(
-                    exited=(),
-                    survivors=tuple(batch.row_ids),
-                    num_padded_tokens=int(batch.mask.shape[0] * batch.mask.shape[1]),
-                    num_real_tokens=sum(batch.lengths),
-                    survivors_longest=max(batch.lengths),
-                )
-            step = StepTensors(decided.hidden, pack_results(decided.exits, decided.logits), decided.patience)
-        else:
-            step = self._compute(layer, batch)
+            return self._execute_on_host(plan, batch)
+        step = self._compute(layer, batch)
         rows = self._fetch(step.packed)
 
         batch_rows = batch.row_ids
@@ -224,6 +220,53 @@ class Runner:
             num_real_tokens=sum(batch.lengths),
             survivor_probs=tuple(kept_probs),
             survivors_longest=survivors_longest,
+        )
+
+    def _execute_on_host(self, plan: StepPlan, batch: _CohortTensors) -> StepOutput:
+        """The step on a CPU, where reading a tensor is no transfer: the exit flags are read first (none
+        at the last layer, where every row leaves); probabilities and labels are computed and read only
+        when a row leaves, as two lists (``step_kernel.host_results``: the values the packed transfer
+        holds, without packing them). A step where every row leaves, every step of a 1-layer model,
+        answers them in one pass."""
+        layer = plan.layer
+        decided = self._decide(layer, batch)
+        num_padded_tokens = int(batch.mask.shape[0] * batch.mask.shape[1])
+        flags: list[bool] | None = None if layer >= self.num_layers else decided.exits.tolist()
+        if flags is not None and not plan.keep_probs and not any(flags):
+            # Nobody leaves (most steps of a deep model): no probabilities, no labels, no copy.
+            batch.hidden, batch.patience = decided.hidden, decided.patience
+            self._cohorts[plan.out_cohort_id] = batch
+            return StepOutput(
+                exited=(),
+                survivors=tuple(batch.row_ids),
+                num_padded_tokens=num_padded_tokens,
+                num_real_tokens=sum(batch.lengths),
+                survivors_longest=max(batch.lengths),
+            )
+        labels, probs = host_results(decided.logits)
+        row_ids = batch.row_ids
+        if flags is None or all(flags):  # everyone leaves
+            return StepOutput(
+                exited=tuple(map(RowExit, row_ids, labels, probs, repeat(layer))),
+                survivors=(),
+                num_padded_tokens=num_padded_tokens,
+                num_real_tokens=sum(batch.lengths),
+            )
+        keep = [p for p, leaves in enumerate(flags) if not leaves]
+        exited = tuple(
+            RowExit(row_ids[p], labels[p], probs[p], layer) for p, leaves in enumerate(flags) if leaves
+        )
+        batch.hidden, batch.patience = decided.hidden, decided.patience
+        # Nobody left: the cohort goes on as it is, no copy.
+        cohort = batch if len(keep) == len(flags) else self._select(batch, keep)
+        self._cohorts[plan.out_cohort_id] = cohort
+        return StepOutput(
+            exited=exited,
+            survivors=tuple(cohort.row_ids),
+            num_padded_tokens=num_padded_tokens,
+            num_real_tokens=sum(batch.lengths),
+            survivor_probs=tuple(tuple(probs[p]) for p in keep) if plan.keep_probs else (),
+            survivors_longest=max(cohort.lengths),
         )
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -279,41 +322,43 @@ class Runner:
         for everything after the thresholds (the ids, the codes, the caps and the patience state are
         views of it)."""
         num_rows = len(rows)
-        lengths = [len(r.token_ids) for r in rows]
+        ids_of = list(map(_token_ids, rows))
+        lengths = list(map(len, ids_of))
         longest = max(lengths)
         padded = min(lengths) < longest
-        parts: list[Any] = [array("f", [r.threshold for r in rows])]
-        for row, n in zip(rows, lengths, strict=True):
-            ids = row.token_ids
-            parts.append(ids if type(ids) is array else array(TOKEN_ID_TYPECODE, ids))
-            if n < longest:
-                parts.append(self._pad_ids * (longest - n))
-        codes = [r.criterion_code for r in rows]
-        caps = [r.max_layers for r in rows]
-        parts.append(
-            array(TOKEN_ID_TYPECODE, lengths + codes + caps + [NO_LABEL] * num_rows + [0] * num_rows)
-        )
+        codes = list(map(_criterion_code, rows))
+        caps = list(map(_max_layers, rows))
+        meta = array(TOKEN_ID_TYPECODE, lengths + codes + caps + [NO_LABEL] * num_rows + [0] * num_rows)
+        parts: list[Any] = [array("f", map(_threshold, rows))]
+        if not padded and set(map(type, ids_of)) == {array}:  # (the common case) joined as they are
+            parts += ids_of
+        else:
+            for ids, n in zip(ids_of, lengths, strict=True):
+                parts.append(ids if type(ids) is array else array(TOKEN_ID_TYPECODE, ids))
+                if n < longest:
+                    parts.append(self._pad_ids * (longest - n))
+        parts.append(meta)
         buffer = bytearray().join(parts)
         packed = self._to_device(torch.frombuffer(buffer, dtype=torch.int32))
         longs = packed[num_rows:].long()
         ids_end = num_rows * longest
         ids_ = longs[:ids_end].view(num_rows, longest)
-        meta = longs[ids_end:].view(5, num_rows)
+        meta_ = longs[ids_end:].view(5, num_rows)
         if padded:
-            mask = (torch.arange(longest, device=self.device) < meta[0].unsqueeze(1)).long()
+            mask = (torch.arange(longest, device=self.device) < meta_[0].unsqueeze(1)).long()
         else:
             mask = torch.ones((num_rows, longest), dtype=torch.long, device=self.device)
         hidden = self.model.embed(ids_, mask)
         return _CohortTensors(
-            row_ids=[r.row_id for r in rows],
+            row_ids=list(map(_row_id, rows)),
             lengths=lengths,
             hidden=hidden,
             mask=mask,
             layer_mask=self.model.layer_mask(mask, hidden.dtype, padded=padded),
-            criterion_codes=meta[1],
+            criterion_codes=meta_[1],
             thresholds=packed[:num_rows].view(torch.float32),
-            max_layers=meta[2],
-            patience=PatienceState(last_label=meta[3], num_agreeing=meta[4]),
+            max_layers=meta_[2],
+            patience=PatienceState(last_label=meta_[3], num_agreeing=meta_[4]),
             codes=frozenset(codes),
             min_max_layers=min(caps),
         )

@@ -56,6 +56,7 @@ import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 
 from server.engine.admission import (
     ADMISSION_MARGIN,
@@ -93,6 +94,9 @@ class RowSpec:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+_token_ids = attrgetter("token_ids")
 
 
 @dataclass(frozen=True)
@@ -616,6 +620,11 @@ class Scheduler:
         """The queue's head (``starting``, in order) leaves the queue for layer 1: one backlog update for
         all of them, not one per row."""
         waiting, expected, arrival = self._waiting, self._expected_layers, self._arrival_s
+        if len(starting) == len(waiting):  # the whole queue starts: nothing waits, nothing is left to sum
+            waiting.clear()
+            arrival.clear()  # (only waiting rows have one)
+            self._waiting_backlog = Backlog()
+            return
         row_layers = token_layers = 0.0
         for row in starting:
             waiting.popleft()
@@ -846,11 +855,14 @@ class Scheduler:
         """The longest head of the queue that fits ``room`` rows and the batch caps."""
         max_rows = min(room, self.config.max_batch_size)
         max_tokens = self.config.max_batch_tokens
+        head = list(itertools.islice(self._waiting, max_rows))
+        if len(head) * max(map(len, map(_token_ids, head))) <= max_tokens:  # (the common case) all fit
+            return head
         starting: list[RowSpec] = []
         longest = 0
         # ``_fits`` inline (this runs for every row that starts): the row count is within the batch cap
         # by ``max_rows``, so only the padded tokens are checked.
-        for num_rows, candidate in enumerate(itertools.islice(self._waiting, max_rows), start=1):
+        for num_rows, candidate in enumerate(head, start=1):
             n = len(candidate.token_ids)
             grown = longest if longest >= n else n
             if num_rows > 1 and num_rows * grown > max_tokens:

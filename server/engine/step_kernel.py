@@ -4,8 +4,8 @@
 bucket-sized buffers and the eager runner on a GPU calls it on a cohort's own tensors. Nothing in it reads
 a value back to the host, so on a GPU the step queues its kernels and the caller decides when to wait
 (once, for ``packed``). On a CPU, where reading a tensor is no transfer, the runner calls its two halves:
-``decide_step``, reads the exit flags, and ``pack_results`` only when a row leaves (most steps of a deep
-model carry every row on: no probabilities, labels or packing for them).
+``decide_step``, reads the exit flags, and ``host_results`` (the labels and probabilities, read as lists:
+no packing) only when a row leaves (most steps of a deep model carry every row on: nothing for them).
 """
 
 from __future__ import annotations
@@ -103,3 +103,12 @@ def pack_results(exits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
     labels = probs.argmax(dim=-1)
     return torch.cat([torch.stack([exits, labels], dim=1), probs], dim=1)
+
+
+def host_results(logits: torch.Tensor) -> tuple[list[int], list[list[float]]]:
+    """Each row's label index and probabilities, read into lists: what ``pack_results`` holds for a
+    row (the same softmax and argmax, bit for bit), for a runner that reads tensors where they are (a
+    CPU): two reads and no packing operations."""
+    probs = torch.softmax(logits, dim=-1)
+    labels: list[int] = probs.argmax(dim=-1).tolist()
+    return labels, probs.tolist()

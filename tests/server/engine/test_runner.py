@@ -18,7 +18,7 @@ from server.engine.graphs import EagerReplayBackend, bucket_for, row_buckets, se
 from server.engine.messages import pack_token_ids, unpack_token_ids
 from server.engine.runner import Runner, _CohortTensors
 from server.engine.scheduler import RowExit, RowSpec, Scheduler, SchedulerConfig
-from server.engine.step_kernel import pack_results
+from server.engine.step_kernel import host_results
 from tests.model_store.conftest import KINDS, padded_batch, tiny_config, tiny_model
 
 pytestmark = pytest.mark.model
@@ -133,11 +133,11 @@ def test_one_result_transfer_per_step_and_no_copy_when_nobody_exits(monkeypatch:
             selects.append(len(positions))
             return super()._select(cohort, positions)
 
-    def counted_pack(exits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        packs.append(int(exits.shape[0]))
-        return pack_results(exits, logits)
+    def counted_results(logits: torch.Tensor) -> tuple[list[int], list[list[float]]]:
+        packs.append(int(logits.shape[0]))
+        return host_results(logits)
 
-    monkeypatch.setattr(runner_module, "pack_results", counted_pack)
+    monkeypatch.setattr(runner_module, "host_results", counted_results)
 
     runner = Counting(model)
     rows = [
