@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,11 +24,20 @@ class EncodedBatch:
     truncated: list[bool]  # whether the row was cut to max_seq_length
 
 
+@functools.lru_cache(maxsize=8)
+def row_tokenizer(tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> RowTokenizer:
+    """The ``RowTokenizer`` of ``tokenizer`` at ``max_seq_length``, built once: building one probes the
+    tokenizer for its fast path (``model_store/fast_tokens.py``), tens of milliseconds that a caller
+    encoding a few texts at a time (training in chunks, the pipeline baseline per request) must not pay
+    per call. A few are kept (tokenizers compare by identity), each safe across threads."""
+    return RowTokenizer(tokenizer, max_seq_length)
+
+
 def encode_texts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str | tuple[str, str]], max_seq_length: int
 ) -> EncodedBatch:
     """Tokenize ``texts`` (or pairs) exactly as the server does (``RowTokenizer``), padded on the right."""
-    rows = RowTokenizer(tokenizer, max_seq_length)(texts)
+    rows = row_tokenizer(tokenizer, max_seq_length)(texts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     longest = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)

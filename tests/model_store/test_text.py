@@ -125,3 +125,30 @@ def test_pairs_tokenize_as_the_tokenizer_joins_pairs_with_its_token_types() -> N
         assert pair_token_types(torch.tensor([ids]), tokenizer.sep_token_id)[0].tolist() == types
     with pytest.raises(TypeError, match="all texts or all"):
         RowTokenizer(tokenizer, 24)([("a", "b"), "c"])  # type: ignore[list-item]
+
+
+def test_encode_texts_builds_its_row_tokenizer_once(
+    minilm_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building a RowTokenizer probes the tokenizer for the fast path (tens of ms): callers that encode a
+    few texts at a time (training chunks, the pipeline baseline per request) must not pay it per call."""
+    import model_store.text as text_module
+
+    built: list[int] = []
+
+    class Counting(RowTokenizer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            built.append(1)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(text_module, "RowTokenizer", Counting)
+    text_module.row_tokenizer.cache_clear()
+    try:
+        first = text_module.encode_texts(minilm_tokenizer, ["hello there"], 24)
+        again = text_module.encode_texts(minilm_tokenizer, ["hello there", "a second text"], 24)
+        assert len(built) == 1
+        assert again.input_ids[0, : first.num_tokens[0]].tolist() == first.input_ids[0].tolist()
+        text_module.encode_texts(minilm_tokenizer, ["hello there"], 16)  # another length: its own
+        assert len(built) == 2
+    finally:
+        text_module.row_tokenizer.cache_clear()  # no Counting instance outlives the test
