@@ -203,7 +203,7 @@ def median_rows(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
-    from loadtest.hostcost import carried_step_us, host_step_us
+    from loadtest.hostcost import carried_step_us, floor_step_us, host_step_us
     from loadtest.tiny import make_tiny_store
     from loadtest.tokenizer_cost import tokenizer_cost
     from model_store.store import ModelStore
@@ -218,11 +218,13 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
         make_tiny_store(tiny_store, "tiny-1layer", max_seq_length=128)
         ceiling, ceiling_rounds = front_end_ceiling(options, tiny_store, texts)
         make_tiny_store(tiny_store, "tiny-3layer", max_seq_length=128, num_layers=3)
-        turnover_runs, carried_runs = [], []
+        turnover_runs, carried_runs, floor_runs = [], [], []
         for _ in range(options.rounds):  # taking turns, as above
             turnover_runs.append(host_step_us(tiny_store, "tiny-1layer", batch_sizes=(1, 16, 64)))
             carried_runs.append(carried_step_us(tiny_store, "tiny-3layer", batch_sizes=(1, 16, 64)))
+            floor_runs.append({str(batch): floor_step_us(batch) for batch in (1, 16, 64)})
         host, carried = _median_by_batch(turnover_runs), _median_by_batch(carried_runs)
+        floor = _median_by_batch(floor_runs)
         tokenizer = tokenizer_cost(
             load_tokenizer_file(ModelStore(tiny_store).version_dir("tiny-1layer")), 128,
             texts, options.emails, rounds=options.rounds,
@@ -242,6 +244,7 @@ def run_ceiling(options: CeilingOptions) -> dict[str, Any]:
         "ceiling_rounds": ceiling_rounds,
         "host_step_us": host,
         "carried_step_us": carried,
+        "floor_step_us": floor,
         "tokenizer_us": tokenizer,
         "host_step_us_rounds": turnover_runs,
         "carried_step_us_rounds": carried_runs,
@@ -294,12 +297,19 @@ def markdown(document: dict[str, Any]) -> str:
               "bookkeeping + update + replies encoded, kernels excluded; median of the timed steps, then "
               "of the rounds). "
               "*Turnover*: 1-layer model, every row of the step is new and answered in it. *Carried*: "
-              "3-layer model, the step of layer 2, whose rows come from layer 1 and go on to layer 3:", "",
-              "| batch | turnover µs per step | carried µs per step |", "|---:|---:|---:|"]  # fmt: skip
+              "3-layer model, the step of layer 2, whose rows come from layer 1 and go on to layer 3. "
+              "*Floor*: what a turnover step cannot avoid in Python and torch and nothing else (the rows "
+              "taken, their ids joined, the tensor views, softmax, argmax, reads, one reply record per row, "
+              "one encode: `hostcost.floor_step_us`):", "",
+              "| batch | turnover µs per step | carried µs per step | floor µs per step |",
+              "|---:|---:|---:|---:|"]  # fmt: skip
     carried = document.get("carried_step_us", {})
+    floor = document.get("floor_step_us", {})
     for batch, us in document["host_step_us"].items():
-        other = carried.get(batch)
-        lines.append(f"| {batch} | {us:.0f} | {'' if other is None else f'{other:.0f}'} |")
+        cells = [
+            f"{other:.0f}" if (other := known.get(batch)) is not None else "" for known in (carried, floor)
+        ]
+        lines.append(f"| {batch} | {us:.0f} | {' | '.join(cells)} |")
     tokenizer = document.get("tokenizer_us")
     if tokenizer:
         lines += [

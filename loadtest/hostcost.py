@@ -140,3 +140,51 @@ def _hello() -> Any:
     from server.engine.messages import Hello
 
     return Hello(1)
+
+
+def floor_step_us(batch: int = 64, num_tokens: int = 24, num_labels: int = 2, num_steps: int = 2000) -> float:
+    """Median microseconds of what a turnover step of ``batch`` one-row requests cannot avoid in Python
+    and torch on a CPU, and nothing else: take the rows, join their ids into one buffer, the tensor views
+    the layer needs, a softmax and an argmax over the ramp's logits, reading both, one reply record per
+    row and one msgpack encode. No scheduling, admission, exit decision or metrics: the floor that
+    ``host_step_us`` (the engine's step) is compared with in BENCHMARKS.md."""
+    from array import array
+    from collections import deque
+
+    import torch
+
+    from server.engine.messages import TOKEN_ID_TYPECODE, AdmissionView, Finished, Outputs, encode
+
+    ids = array(TOKEN_ID_TYPECODE, range(100, 100 + num_tokens))
+    waiting: deque[tuple[int, array[int], float]] = deque()
+    logits = torch.randn(batch, num_labels)
+
+    def step() -> None:
+        if len(waiting) < batch:
+            waiting.extend((i, ids, 0.5) for i in range(batch * 64))
+        rows = [waiting.popleft() for _ in range(batch)]
+        parts: list[array[int] | array[float]] = [array("f", [r[2] for r in rows])]
+        parts += [r[1] for r in rows]
+        parts.append(array(TOKEN_ID_TYPECODE, [num_tokens] * batch))
+        packed = torch.frombuffer(bytearray().join(parts), dtype=torch.int32)
+        longs = packed[batch:].long()
+        longs[: batch * num_tokens].view(batch, num_tokens)
+        torch.ones((batch, num_tokens), dtype=torch.long)
+        packed[:batch].view(torch.float32)
+        probs = torch.softmax(logits, dim=-1)
+        labels = probs.argmax(dim=-1).tolist()
+        replies = [
+            Finished(r[0], [(label, p, 1, False)], 0.001, 0.002)
+            for r, label, p in zip(rows, labels, probs.tolist(), strict=True)
+        ]
+        encode(Outputs(replies, [], AdmissionView()))
+
+    with torch.no_grad():
+        for _ in range(200):
+            step()
+        samples = []
+        for _ in range(num_steps):
+            started = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e6

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from loadtest.hostcost import carried_step_us, host_step_us
+from loadtest.hostcost import carried_step_us, floor_step_us, host_step_us
 from loadtest.tiny import make_tiny_store
 from model_store.store import ModelStore
 
@@ -41,3 +41,18 @@ def test_kernel_time_is_not_counted_as_host_time(tmp_path: Path, monkeypatch: py
     with pytest.raises(ValueError, match="carried step"):
         carried_step_us(tmp_path / "store", "tiny-1layer", batch_sizes=(1,), num_steps=1)
     assert torch.is_grad_enabled()  # the benchmark leaves the caller's grad mode alone
+
+
+def test_the_floor_step_encodes_replies_the_front_ends_can_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The floor does the work it stands for: one reply per row of the step, in a message a front end
+    decodes (the engine's own message types, so a change of them shows here)."""
+    import server.engine.messages as messages
+
+    sent: list[bytes] = []
+    encode = messages.encode
+    monkeypatch.setattr(messages, "encode", lambda message: sent.append(encode(message)) or sent[-1])
+    assert floor_step_us(batch=16, num_steps=3) > 0.0
+    decoded = messages.decode_to_front_end(sent[-1])
+    assert isinstance(decoded, messages.Outputs) and len(decoded.finished) == 16
+    label, probs, exit_layer, _ = decoded.finished[0].rows[0]
+    assert exit_layer == 1 and len(probs) == 2 and probs[label] == max(probs)
