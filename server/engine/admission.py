@@ -39,7 +39,11 @@ MIN_CORRECTION, MAX_CORRECTION = 1.0, 3.0  # the step model is trusted as a lowe
 COHORT_SHARE = 0.5  # of a deadline's budget, for the cohort a row runs in (see ServiceModel.cohort_rows)
 
 
-@dataclass(frozen=True)
+# Backlog and Admitted are built several times per request (the front end's admission check and the
+# core's): slotted, not frozen, as the per-row records (a frozen dataclass builds through
+# ``object.__setattr__`` per field: 0.87 vs 0.27 us for a Backlog). Nothing mutates them: every change
+# builds a new one.
+@dataclass(slots=True)
 class Backlog:
     """Work queued or in flight: row-layers (one row through one layer), token-layers, and the longest
     chain of layers one row still needs (steps run one layer, so the work takes at least that many)."""
@@ -327,7 +331,7 @@ class DegradeLevel:
     mean_exit_layer: float  # calibrated: how deep rows go until the engine has learned it
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Admitted:
     """Where ``admit`` placed a request: ``level`` None = its own setting."""
 

@@ -52,9 +52,10 @@ class EngineConfig:
     auto_adjust_window: int = 50  # shadow samples per decision
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ClassifyOptions:
-    """What one request asks for; applies to each of its inputs."""
+    """What one request asks for; applies to each of its inputs. Built per request: slotted, not frozen
+    (see ``RowOutcome``); nothing mutates it."""
 
     criterion: Criterion
     speed: float
