@@ -197,40 +197,18 @@ class Runner:
             return self._execute_on_host(plan, batch)
         step = self._compute(layer, batch)
         rows = self._fetch(step.packed)
-
-        batch_rows = batch.row_ids
-        keep: list[int] = [p for p, row in enumerate(rows) if row[0] < 0.5]
-        exited = [
-            RowExit(r, int(row[1]), row[2:], layer)
-            for r, row in zip(batch_rows, rows, strict=True)
-            if row[0] >= 0.5
-        ]
-        kept_probs = [tuple(rows[p][2:]) for p in keep] if plan.keep_probs else []
-        survivors_longest = 0
-        if keep:
-            batch.hidden, batch.patience = step.hidden, step.patience
-            # Nobody left: the cohort goes on as it is, no copy.
-            cohort = batch if len(keep) == len(rows) else self._select(batch, keep)
-            self._cohorts[plan.out_cohort_id] = cohort
-            survivors_longest = max(cohort.lengths)
-        return StepOutput(
-            exited=tuple(exited),
-            survivors=tuple(batch.row_ids if len(keep) == len(rows) else [batch.row_ids[p] for p in keep]),
-            num_padded_tokens=int(batch.mask.shape[0] * batch.mask.shape[1]),
-            num_real_tokens=sum(batch.lengths),
-            survivor_probs=tuple(kept_probs),
-            survivors_longest=survivors_longest,
-        )
+        flags = [row[0] >= 0.5 for row in rows]
+        labels = [int(row[1]) for row in rows]
+        probs = [row[2:] for row in rows]
+        return self._output(plan, batch, step.hidden, step.patience, flags, labels, probs)
 
     def _execute_on_host(self, plan: StepPlan, batch: _CohortTensors) -> StepOutput:
         """The step on a CPU, where reading a tensor is no transfer: the exit flags are read first (none
         at the last layer, where every row leaves); probabilities and labels are computed and read only
         when a row leaves, as two lists (``step_kernel.host_results``: the values the packed transfer
-        holds, without packing them). A step where every row leaves, every step of a 1-layer model,
-        answers them in one pass."""
+        holds, without packing them)."""
         layer = plan.layer
         decided = self._decide(layer, batch)
-        num_padded_tokens = int(batch.mask.shape[0] * batch.mask.shape[1])
         flags: list[bool] | None = None if layer >= self.num_layers else decided.exits.tolist()
         if flags is not None and not plan.keep_probs and not any(flags):
             # Nobody leaves (most steps of a deep model): no probabilities, no labels, no copy.
@@ -239,13 +217,30 @@ class Runner:
             return StepOutput(
                 exited=(),
                 survivors=tuple(batch.row_ids),
-                num_padded_tokens=num_padded_tokens,
+                num_padded_tokens=int(batch.mask.shape[0] * batch.mask.shape[1]),
                 num_real_tokens=sum(batch.lengths),
                 survivors_longest=max(batch.lengths),
             )
         labels, probs = host_results(decided.logits)
-        row_ids = batch.row_ids
-        if flags is None or all(flags):  # everyone leaves
+        return self._output(plan, batch, decided.hidden, decided.patience, flags, labels, probs)
+
+    def _output(
+        self,
+        plan: StepPlan,
+        batch: _CohortTensors,
+        hidden: torch.Tensor,
+        patience: PatienceState,
+        flags: list[bool] | None,
+        labels: list[int],
+        probs: list[list[float]],
+    ) -> StepOutput:
+        """The step's answers (``flags``: which rows leave, None = every row) and its survivors, who go
+        on with ``hidden`` and ``patience`` as cohort ``plan.out_cohort_id``. A step where every row
+        leaves (every step of a 1-layer model) builds its exit records in one pass; a step where none
+        does keeps the cohort's tensors as they are (no copy)."""
+        layer, row_ids = plan.layer, batch.row_ids
+        num_padded_tokens = int(batch.mask.shape[0] * batch.mask.shape[1])
+        if flags is None or all(flags):
             return StepOutput(
                 exited=tuple(map(RowExit, row_ids, labels, probs, repeat(layer))),
                 survivors=(),
@@ -256,8 +251,7 @@ class Runner:
         exited = tuple(
             RowExit(row_ids[p], labels[p], probs[p], layer) for p, leaves in enumerate(flags) if leaves
         )
-        batch.hidden, batch.patience = decided.hidden, decided.patience
-        # Nobody left: the cohort goes on as it is, no copy.
+        batch.hidden, batch.patience = hidden, patience
         cohort = batch if len(keep) == len(flags) else self._select(batch, keep)
         self._cohorts[plan.out_cohort_id] = cohort
         return StepOutput(
@@ -328,7 +322,7 @@ class Runner:
         padded = min(lengths) < longest
         codes = list(map(_criterion_code, rows))
         caps = list(map(_max_layers, rows))
-        meta = array(TOKEN_ID_TYPECODE, lengths + codes + caps + [NO_LABEL] * num_rows + [0] * num_rows)
+        tail = array(TOKEN_ID_TYPECODE, lengths + codes + caps + [NO_LABEL] * num_rows + [0] * num_rows)
         parts: list[Any] = [array("f", map(_threshold, rows))]
         if not padded and set(map(type, ids_of)) == {array}:  # (the common case) joined as they are
             parts += ids_of
@@ -337,15 +331,15 @@ class Runner:
                 parts.append(ids if type(ids) is array else array(TOKEN_ID_TYPECODE, ids))
                 if n < longest:
                     parts.append(self._pad_ids * (longest - n))
-        parts.append(meta)
+        parts.append(tail)
         buffer = bytearray().join(parts)
         packed = self._to_device(torch.frombuffer(buffer, dtype=torch.int32))
         longs = packed[num_rows:].long()
         ids_end = num_rows * longest
         ids_ = longs[:ids_end].view(num_rows, longest)
-        meta_ = longs[ids_end:].view(5, num_rows)
+        meta = longs[ids_end:].view(5, num_rows)
         if padded:
-            mask = (torch.arange(longest, device=self.device) < meta_[0].unsqueeze(1)).long()
+            mask = (torch.arange(longest, device=self.device) < meta[0].unsqueeze(1)).long()
         else:
             mask = torch.ones((num_rows, longest), dtype=torch.long, device=self.device)
         hidden = self.model.embed(ids_, mask)
@@ -355,10 +349,10 @@ class Runner:
             hidden=hidden,
             mask=mask,
             layer_mask=self.model.layer_mask(mask, hidden.dtype, padded=padded),
-            criterion_codes=meta_[1],
+            criterion_codes=meta[1],
             thresholds=packed[:num_rows].view(torch.float32),
-            max_layers=meta_[2],
-            patience=PatienceState(last_label=meta_[3], num_agreeing=meta_[4]),
+            max_layers=meta[2],
+            patience=PatienceState(last_label=meta[3], num_agreeing=meta[4]),
             codes=frozenset(codes),
             min_max_layers=min(caps),
         )
