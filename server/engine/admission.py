@@ -41,8 +41,8 @@ COHORT_SHARE = 0.5  # of a deadline's budget, for the cohort a row runs in (see 
 
 # Backlog and Admitted are built several times per request (the front end's admission check and the
 # core's): slotted, not frozen, as the per-row records (a frozen dataclass builds through
-# ``object.__setattr__`` per field: 0.87 vs 0.27 us for a Backlog). Nothing mutates them: every change
-# builds a new one.
+# ``object.__setattr__`` per field: 0.46 vs 0.14 us for a Backlog, timed on the class itself). Nothing
+# mutates them: every change builds a new one.
 @dataclass(slots=True)
 class Backlog:
     """Work queued or in flight: row-layers (one row through one layer), token-layers, and the longest
