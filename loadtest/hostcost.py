@@ -76,7 +76,7 @@ def _step_us(
 ) -> dict[str, float]:
     import torch
 
-    with torch.no_grad():  # as the core's loop runs; the caller's grad mode is left as it was
+    with torch.inference_mode():  # as the core's loop runs; the caller's grad mode is left as it was
         return _measure(store, model, batch_sizes, num_steps, timed_layer)
 
 

@@ -64,7 +64,7 @@ def default_runner(loaded: LoadedModel, config: EngineConfig) -> Runner:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     """A request the core admitted and has not answered."""
 
@@ -150,13 +150,14 @@ class EngineCore:
     def run(self, socket: CoreSocket, should_stop: Callable[[], bool]) -> None:
         """Serve until ``should_stop()``; checked at least every ``STATUS_INTERVAL_S``."""
         torch.set_grad_enabled(False)
-        while not should_stop():
-            for identity, message in socket.receive(self._idle_timeout_s()):
-                self.handle(identity, message)
-            if should_stop():
-                return
-            self.step()
-            self.flush(socket)
+        with torch.inference_mode():  # once for the loop, not per step (``Runner.execute``)
+            while not should_stop():
+                for identity, message in socket.receive(self._idle_timeout_s()):
+                    self.handle(identity, message)
+                if should_stop():
+                    return
+                self.step()
+                self.flush(socket)
 
     def _busy(self, since_s: float) -> None:
         self.busy_since_s = since_s
@@ -343,12 +344,19 @@ class EngineCore:
             self._row_owner[row.row_id] = (live, index)
 
     def _mark_started(self, plan: StepPlan) -> None:
+        """The requests whose first row starts in ``plan``: their queue wait ends now."""
+        if not plan.new_rows:
+            return
         now_s = self._clock()
+        get_owner = self._row_owner.get
+        queue_wait = self._observer.queue_wait
         for row in plan.new_rows:
-            owner = self._row_owner.get(row.row_id)
-            if owner is not None and owner[0].first_step_s is None:
-                owner[0].first_step_s = now_s
-                self._observer.queue_wait(now_s - owner[0].admitted_s)
+            owner = get_owner(row.row_id)
+            if owner is not None:
+                live = owner[0]
+                if live.first_step_s is None:
+                    live.first_step_s = now_s
+                    queue_wait(now_s - live.admitted_s)
 
     def _expire(self, decision: Decision) -> None:
         if not decision.expired:
@@ -376,65 +384,71 @@ class EngineCore:
                 self._fail(live, BatchFailedError("internal error while computing the batch"))
 
     def _finish_rows(self, finished: list[tuple[RowSpec, RowExit]]) -> None:
-        """Record the rows that left; answer every request whose last row this was. One pass, with the
-        clock read and the exit metrics reported once per call, not per row."""
+        """Record the rows that left; answer every request whose last row this was. One pass over the
+        rows, then one over the requests they completed, with the clock read and the exit metrics
+        reported once per call, not per row (this runs for every row of every step)."""
         if not finished:
             return
-        owners = self._row_owner
+        pop_owner = self._row_owner.pop
         sampling = self.shadow.sampling
-        exits_at: dict[int, int] = {}
-        now_s = self._clock()
-        # The answers of one step, per front end: looked up once per front end, not once per request.
-        replies: dict[bytes, list[Finished]] = {}
+        exits_at = [0] * (self._manifest.num_layers + 1)  # exit layer -> rows (a list: no hashing per row)
+        completed: list[_Live] = []
         for row, row_exit in finished:
             if row.shadow:
                 self.shadow.finished(row, row_exit)
                 continue
             layer = row_exit.exit_layer
-            exits_at[layer] = exits_at.get(layer, 0) + 1
-            owner = owners.pop(row.row_id, None)
+            exits_at[layer] += 1
+            owner = pop_owner(row.row_id, None)
             if owner is None:
                 continue
             live, index = owner
-            live.outcomes[index] = (
-                row_exit.label_index,
-                probs if type(probs := row_exit.probs) is list else list(probs),
-                layer,
-                row_exit.deadline_exit,
-            )
+            probs = row_exit.probs
+            if type(probs) is not list:
+                probs = list(probs)
+            live.outcomes[index] = (row_exit.label_index, probs, layer, row_exit.deadline_exit)
             if sampling and not row_exit.deadline_exit:  # the guard checks the policy, not the deadline cut
                 message = live.message
                 speed = message.speed if live.level is None else live.level.speed
                 self.shadow.offer(self._scheduler, row, row_exit, speed, message.speed_is_default)
             live.num_left -= 1
             if not live.num_left:
-                to = replies.get(live.identity)
-                if to is None:
-                    to = replies[live.identity] = self._outbox_of(live.identity).finished
-                self._complete(live, now_s, to)
+                completed.append(live)
+        if completed:
+            self._complete(completed)
         num_layers = self._manifest.num_layers
-        for layer, num_rows in exits_at.items():
-            self._observer.row_exited(layer, num_layers, num_rows)
-        self._observer.inflight(len(self._live), len(owners))
+        for layer, num_rows in enumerate(exits_at):
+            if num_rows:
+                self._observer.row_exited(layer, num_layers, num_rows)
+        self._observer.inflight(len(self._live), len(self._row_owner))
 
-    def _complete(self, live: _Live, now_s: float, to: list[Finished]) -> None:
-        """Answer ``live`` (every row exited) into ``to``, its front end's outbox."""
-        if live.predicted_answer_s >= MIN_PREDICTION_TO_LEARN_S:  # (else it teaches nothing: no call)
-            self._scheduler.service.observe_answer(live.predicted_answer_s, now_s - live.admitted_s)
-        started_s = live.first_step_s if live.first_step_s is not None else now_s
-        to.append(
-            Finished(
-                request_id=live.request_id,
-                rows=live.outcomes,  # type: ignore[arg-type]  # every row has exited: no None is left
-                queue_time_s=started_s - live.admitted_s,
-                inference_time_s=now_s - started_s,
-                degraded=None
-                if live.level is None
-                else (live.level.criterion_code, live.level.speed, live.level.drop_pts),
+    def _complete(self, completed: list[_Live]) -> None:
+        """Answer the requests in ``completed`` (every row exited), each into its front end's outbox."""
+        now_s = self._clock()
+        observe_answer = self._scheduler.service.observe_answer
+        pop_live, pop_internal = self._live.pop, self._by_internal.pop
+        identity: bytes | None = None
+        to: list[Finished] = []
+        for live in completed:
+            if live.identity != identity:  # one step's answers mostly go to a few front ends: looked up once
+                identity = live.identity
+                to = self._outbox_of(identity).finished
+            admitted_s = live.admitted_s
+            if live.predicted_answer_s >= MIN_PREDICTION_TO_LEARN_S:  # (else it teaches nothing: no call)
+                observe_answer(live.predicted_answer_s, now_s - admitted_s)
+            started_s = live.first_step_s if live.first_step_s is not None else now_s
+            level = live.level
+            to.append(
+                Finished(
+                    live.request_id,
+                    live.outcomes,  # type: ignore[arg-type]  # every row has exited: no None is left
+                    started_s - admitted_s,
+                    now_s - started_s,
+                    None if level is None else (level.criterion_code, level.speed, level.drop_pts),
+                )
             )
-        )
-        self._live.pop((live.identity, live.request_id), None)
-        self._by_internal.pop(live.internal_id, None)  # its rows have all left the owner table
+            pop_live((identity, live.request_id), None)
+            pop_internal(live.internal_id, None)  # its rows have all left the owner table
 
     def _fail(self, live: _Live, error: EngineError) -> None:
         self._reply_failed(live.identity, live.request_id, error)

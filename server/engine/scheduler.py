@@ -528,26 +528,44 @@ class Scheduler:
             self.service.observe_step(
                 num_real_tokens, output.num_padded_tokens or num_real_tokens, duration_s
             )
-        finished = []
-        rows, expected, cancelled = self._rows, self._expected_layers, self._cancelled
+        finished: list[tuple[RowSpec, RowExit]] = []
+        append = finished.append
+        pop_row, pop_expected, cancelled = self._rows.pop, self._expected_layers.pop, self._cancelled
+        # Exit counts per (policy, exit layer), for the depth table. One step's rows mostly share a policy
+        # and an exit layer: counted by runs, so a key is built and hashed per run, not per row.
         exits_by_policy: dict[tuple[int, float, int, int], int] = {}
+        code, threshold, max_layers, layer, run = -1, -1.0, -1, -1, 0
         for row_exit in output.exited:  # what ``_forget`` does, inline: this runs for every row
             row_id = row_exit.row_id
-            row = rows.pop(row_id, None)
+            row = pop_row(row_id, None)
             if row is None:
                 continue
-            finished.append((row, row_exit))
+            append((row, row_exit))
             if not row.shadow:
-                key = (row.criterion_code, row.threshold, row.max_layers, row_exit.exit_layer)
-                exits_by_policy[key] = exits_by_policy.get(key, 0) + 1
+                if (
+                    row_exit.exit_layer != layer
+                    or row.criterion_code != code
+                    or row.threshold != threshold
+                    or row.max_layers != max_layers
+                ):
+                    if run:
+                        key = (code, threshold, max_layers, layer)
+                        exits_by_policy[key] = exits_by_policy.get(key, 0) + run
+                    code, threshold, max_layers, layer, run = (
+                        row.criterion_code, row.threshold, row.max_layers, row_exit.exit_layer, 0
+                    )  # fmt: skip
+                run += 1
             if row.best_effort:
                 self._num_best_effort -= 1
                 self._latest.pop(row_id, None)
-            expected.pop(row_id, None)  # (its arrival went when it started)
+            pop_expected(row_id, None)  # (its arrival went when it started)
             if cancelled:
                 cancelled.discard(row_id)
-        for (code, threshold, max_layers, exit_layer), count in exits_by_policy.items():
-            self.service.depth.observe(code, threshold, max_layers, exit_layer, count)
+        if run:
+            key = (code, threshold, max_layers, layer)
+            exits_by_policy[key] = exits_by_policy.get(key, 0) + run
+        for policy_exit, num_rows in exits_by_policy.items():
+            self.service.depth.observe(*policy_exit, num_rows)
         if output.survivor_probs:
             self._keep_latest(plan.layer, output)
         survivors = [r for r in output.survivors if r in self._rows]
