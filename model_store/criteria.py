@@ -71,7 +71,9 @@ def max_prob(logits: torch.Tensor) -> torch.Tensor:
 NO_LABEL = -1  # a row's previous label before its first ramp (PABEE's patience state)
 
 
-@dataclass(frozen=True)
+# Built at every layer step: slotted, not frozen (a frozen dataclass builds per field through
+# ``object.__setattr__``, ~3x the cost). Nothing mutates it.
+@dataclass(slots=True)
 class PatienceState:
     """Per-row PABEE state: the previous ramp's label and how many consecutive ramps agreed on it."""
 
