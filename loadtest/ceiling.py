@@ -331,14 +331,22 @@ def markdown(document: dict[str, Any]) -> str:
         lines += [
             "",
             f"**HTTP vs the engine core alone** ({core['model']}, speed {core['speed']}, "
-            f"{core['num_emails']} real emails, one per request, {core['connections']} in flight): core "
-            f"fed directly {core['core_rps']:,.1f} rows/s; HTTP ({core['frontends']} front end(s), wrk) "
+            f"{core['num_emails']} real emails, one per request, {core['connections']} in flight; "
+            f"{len(core.get('rounds', [])) or 1} round(s), the core alone and HTTP taking turns, each "
+            f"figure the median of the rounds, the ratio taken within each round): core fed directly "
+            f"{core['core_rps']:,.1f} rows/s (refused {core.get('core_failed', 0)}); "
+            f"HTTP ({core['frontends']} front end(s), wrk) "
             f"{core['http_rps']:,.1f} req/s (`--max-queue-wait-ms none --log-level warning`, otherwise the "
             f"defaults), non-2xx {core['http_non_2xx']}, server CPU "
             f"{core['http_cpu_ms_per_request']:.2f} ms/req: **{100 * core['ratio']:.0f} %** of the core's "
-            "own throughput.",
+            "own throughput"
+            + (f" (rounds: {_percents(r['ratio'] for r in core['rounds'])})." if core.get("rounds") else "."),
         ]
     return "\n".join(lines)
+
+
+def _percents(ratios: Any) -> str:
+    return ", ".join(f"{100 * ratio:.0f} %" for ratio in ratios)
 
 
 def update_markdown(document: dict[str, Any], path: Path) -> None:

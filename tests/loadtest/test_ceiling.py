@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from loadtest.ceiling import markdown, median_rows
+from loadtest.core_vs_http import summarize
 
 
 def _row(server: str, text: str, round_: int, rps: float, cpu_ms: float, vs: float, cpu_vs: float) -> dict:
@@ -54,3 +55,37 @@ def test_the_table_shows_the_medians_and_the_cpu_range() -> None:
     assert "| tiny | short | 1 | 2,000 | 50 % | 0.200 (0.100–0.300) | 2.00 x |" in text
     assert "| 64 | 90 | 80 | 50 |" in text
     assert "| 150 chars | 2,000 | 53.4 | 8.3 | 8.0 |" in text
+
+
+def _core_round(core_rps: float, http_rps: float, non_2xx: int = 0) -> dict:
+    return {
+        "core_rps": core_rps, "core_failed": 0, "http_rps": http_rps, "http_non_2xx": non_2xx,
+        "http_p99_ms": 100.0, "http_cpu_ms_per_request": 4.0, "ratio": http_rps / core_rps,
+    }  # fmt: skip
+
+
+def test_http_vs_core_is_the_median_of_ratios_taken_within_each_round() -> None:
+    rounds = [
+        _core_round(300.0, 270.0),  # 90 %
+        _core_round(200.0, 160.0, non_2xx=2),  # 80 %: a neighbour slowed both sides of this round
+        _core_round(250.0, 210.0),  # 84 %
+    ]
+    summary = summarize(rounds)
+    # Medians of each side apart (250 and 210) would say 84 % too; the ratio is still the rounds' own.
+    assert summary["ratio"] == rounds[2]["ratio"]
+    assert (summary["ratio_min"], summary["ratio_max"]) == (0.8, 0.9)
+    assert (summary["core_rps"], summary["http_rps"], summary["http_non_2xx"]) == (250.0, 210.0, 2)
+    assert summary["core_failed"] == 0
+    machine = {"cpu": "x", "num_cpus": 2, "memory_gib": 1, "os": "l", "python": "3", "torch": "t",
+               "load_average_1_5_15": [0.0, 0.0, 0.0]}  # fmt: skip
+    core = summary | {"model": "m", "speed": 0.3, "num_emails": 600, "connections": 64, "frontends": 1}
+    text = markdown(
+        {
+            "started": "now", "commit": {"sha": "abc"}, "machine": machine, "machine_after": machine,
+            "settings": {"wrk": "1 thread", "rounds": 3}, "ceiling": [], "host_step_us": {},
+            "core_vs_http": core,
+        }
+    )  # fmt: skip
+    assert (
+        "3 round(s)" in text and "**84 %** of the core's own throughput (rounds: 90 %, 80 %, 84 %)." in text
+    )
