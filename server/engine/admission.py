@@ -367,6 +367,20 @@ def admit(
     computed by then, and counts in the backlog for those layers only). ``cut_wait_s`` bounds its wait
     for a first layer when best-effort rows ahead will be cut at their own, earlier deadlines.
     """
+    if not levels and not (best_effort and deadline_s is not None):
+        # (Most requests.) One setting to try and no cut to fall back on: its own check decides. This
+        # runs twice per request (the front end's check and the core's): no search machinery for it.
+        predicted_s = check_admission(
+            prediction,
+            ahead,
+            num_rows,
+            mean_tokens_per_row,
+            expected_layers,
+            deadline_s,
+            now_s,
+            max_queue_wait_ms,
+        )
+        return Admitted(predicted_s, None, expected_layers)
     options = [expected_layers, *level_layers]
     choices: list[DegradeLevel | None] = [None, *levels]
     refusal: EngineError | None = None
