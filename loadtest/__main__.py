@@ -224,6 +224,33 @@ def cmd_ceiling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hostcost(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from loadtest.hostcost import carried_step_us, host_step_us
+    from loadtest.tiny import make_tiny_store
+
+    torch.set_num_threads(1)  # as the server sets it on 2 cores
+    batches = tuple(int(n) for n in args.batches.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        make_tiny_store(store, "tiny-1layer", max_seq_length=128)
+        make_tiny_store(store, "tiny-3layer", max_seq_length=128, num_layers=3)
+        kind = "cached kernels" if args.cached_kernels else "kernels timed and subtracted"
+        for _ in range(args.rounds):
+            turnover = host_step_us(
+                store, "tiny-1layer", batches, args.steps, cached_kernels=args.cached_kernels
+            )
+            carried = carried_step_us(
+                store, "tiny-3layer", batches, args.steps, cached_kernels=args.cached_kernels
+            )
+            cells = ", ".join(f"{b}: {turnover[str(b)]:.0f} / {carried[str(b)]:.0f}" for b in batches)
+            print(f"host us per step, turnover / carried, by batch ({kind}): {cells}", flush=True)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from loadtest.bench import write_outputs
 
@@ -375,6 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ceiling.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
     ceiling.set_defaults(func=cmd_ceiling)
+
+    hostcost = sub.add_parser(
+        "hostcost", help="the engine core's host time per layer step on the tiny models (as in the ceiling)"
+    )
+    hostcost.add_argument("--batches", default="1,16,64")
+    hostcost.add_argument("--steps", type=int, default=300, help="timed steps per batch size (median)")
+    hostcost.add_argument("--rounds", type=int, default=1)
+    hostcost.add_argument(
+        "--cached-kernels",
+        action="store_true",
+        help="replace the model's computations by cached outputs (host time only; for A/B of host code)",
+    )
+    hostcost.set_defaults(func=cmd_hostcost)
 
     sub.add_parser(
         "gpu-efficiency",

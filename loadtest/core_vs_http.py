@@ -41,6 +41,7 @@ class CoreAlone:
     def __init__(self, options: Any, emails: list[str]) -> None:
         import torch
 
+        from loadtest.hostcost import freeze_like_the_server
         from model_store.policy import CRITERION_CODES, threshold_for
         from model_store.store import ModelStore
         from model_store.tokens import RowTokenizer
@@ -50,6 +51,7 @@ class CoreAlone:
         self.settings = Settings(store=options.store, model=options.model, max_queue_wait_ms=None)
         torch.set_num_threads(torch_threads(self.settings))
         self.loaded = ModelStore(options.store).load(options.model)
+        freeze_like_the_server()
         m = self.loaded.manifest
         self.rows = RowTokenizer(self.loaded.tokenizer, m.max_seq_length)(emails)
         self.code = CRITERION_CODES[m.default_criterion]

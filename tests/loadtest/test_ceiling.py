@@ -46,6 +46,8 @@ def test_the_table_shows_the_medians_and_the_cpu_range() -> None:
             "host_step_us": {"64": 90.0},
             "carried_step_us": {"64": 80.0},
             "floor_step_us": {"64": 50.4},
+            "cached_host_step_us": {"64": 70.2},
+            "cached_carried_step_us": {"64": 40.0},
             "tokenizer_us": {
                 "150 chars": {"library_us": 53.4, "fast_us": 8.31, "fast_again_us": 8.0, "num_texts": 2000}
             },
@@ -53,7 +55,7 @@ def test_the_table_shows_the_medians_and_the_cpu_range() -> None:
     )
     assert "median of 3 rounds" in text
     assert "| tiny | short | 1 | 2,000 | 50 % | 0.200 (0.100–0.300) | 2.00 x |" in text
-    assert "| 64 | 90 | 80 | 50 |" in text
+    assert "| 64 | 90 | 80 | 70 | 40 | 50 |" in text
     assert "| 150 chars | 2,000 | 53.4 | 8.3 | 8.0 |" in text
 
 

@@ -56,3 +56,29 @@ def test_the_floor_step_encodes_replies_the_front_ends_can_read(monkeypatch: pyt
     assert isinstance(decoded, messages.Outputs) and len(decoded.finished) == 16
     label, probs, exit_layer, _ = decoded.finished[0].rows[0]
     assert exit_layer == 1 and len(probs) == 2 and probs[label] == max(probs)
+
+
+def test_cached_kernels_run_once_per_shape_and_leave_host_time_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``cached_kernels`` every model computation runs once per input shape (then its output is
+    reused), so a step's time is its host time: sleeping linears cost nothing after the first step."""
+    make_tiny_store(tmp_path / "store", max_seq_length=32)
+    load = ModelStore.load
+    calls: list[int] = []
+
+    def slow_load(self: ModelStore, name: str, *args: Any, **kwargs: Any) -> Any:
+        loaded = load(self, name, *args, **kwargs)
+        for module in loaded.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(lambda *_: calls.append(1) or time.sleep(SLEEP_S))
+        return loaded
+
+    monkeypatch.setattr(ModelStore, "load", slow_load)
+    result = host_step_us(
+        tmp_path / "store", "tiny-1layer", batch_sizes=(1, 4), num_steps=10, cached_kernels=True
+    )
+    assert 0.0 < result["1"] < SLEEP_S * 1e6 and 0.0 < result["4"] < SLEEP_S * 1e6, result
+    # One embedding, one layer (q, k, v, out, intermediate, output: 6 linears) and one ramp (2) per
+    # batch size: 8 linears each for batch sizes 1 and 4, whatever the 30 + 30 steps.
+    assert len(calls) == 2 * 8
