@@ -1,10 +1,11 @@
 """The default model at its default speed on real emails: the engine core fed directly vs over HTTP.
 
-The core alone: an ``EngineCore`` in this process with the server's default settings, fed the emails'
-token rows as ``AddRequest`` messages, ``connections`` requests in flight (one email each), until every
-email was answered once. Over HTTP: ``python -m server`` with its defaults (but for the queue-wait bound,
-off: this measures throughput, not admission) under wrk with the same emails and as many connections.
-The two take turns for ``rounds`` rounds; the figure is the median of the rounds' ratios.
+The core alone: an ``EngineCore`` in this process with the server's default settings (but for the
+queue-wait bound, off as below), fed the emails' token rows as ``AddRequest`` messages, ``connections``
+requests in flight (one email each), until every email was answered once. Over HTTP: ``python -m
+server`` with its defaults (but for the queue-wait bound, off: this measures throughput, not admission)
+under wrk with the same emails and as many connections. The two take turns for ``rounds`` rounds; the
+figure is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class _Collect:
 
 
 class CoreAlone:
-    """The core-alone side, prepared once (model loaded, emails tokenized); each ``run`` feeds a fresh
-    ``EngineCore`` with the server's default settings."""
+    """The core-alone side, prepared once (model loaded and the GC frozen as the server does, emails
+    tokenized); each ``run`` feeds a fresh ``EngineCore`` with the server's default settings but for the
+    queue-wait bound, off as on the HTTP side."""
 
     def __init__(self, options: Any, emails: list[str]) -> None:
         import torch
