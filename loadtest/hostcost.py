@@ -57,7 +57,7 @@ def time_kernels(model: Any, spent: list[float]) -> None:
 def cache_kernels(model: Any) -> None:
     """Replace every model computation ``model`` runs (where ``time_kernels`` times them) by the output
     of its first call with the same input shape: a step then costs its host time and nothing else, with
-    no timing of its own to subtract (an A/B of host-side changes reads less of the machine's noise)."""
+    no timing of its own to subtract."""
     cache: dict[tuple[Any, ...], Any] = {}
 
     def cached(key: str, fn: Callable[..., Any], shaped: int) -> Callable[..., Any]:
@@ -116,7 +116,7 @@ def _step_us(
         with torch.inference_mode():  # as the core's loop runs; the caller's grad mode is left as it was
             return _measure(store, model, batch_sizes, num_steps, timed_layer, cached)
     finally:
-        gc.unfreeze()  # (``_measure`` froze as the server does; the caller's collections are left alone)
+        gc.unfreeze()  # ``_measure`` froze as the server does; this process's objects go back to collection
 
 
 def _measure(
@@ -183,8 +183,8 @@ def freeze_like_the_server() -> None:
     """What the server does once its model is loaded (``server.__main__.load_model``): collect, then
     freeze every object alive into the permanent generation, left out of every later collection. A
     benchmark process that does not pays collections over the libraries' objects that a served core no
-    longer pays (this benchmark at 64 rows: 273-470 µs a step unfrozen against 200-207 frozen, medians,
-    kernels cached, four runs)."""
+    longer pays (this benchmark at 64 rows, kernels cached, medians of four runs: 273-470 µs a step unfrozen,
+    200-322 frozen, three of the four at 200-208)."""
     import gc
 
     gc.collect()
