@@ -1,8 +1,9 @@
 """Host time per layer step: the engine core's own Python and bookkeeping per step, kernels excluded.
 
-An ``EngineCore`` on a tiny model (hidden 32) is fed ``batch`` one-row requests at a time, as HTTP
-delivers them, and timed around ``step()`` + ``flush()`` (schedule, the runner's bookkeeping: building
-the batch, the exit decision's one transfer and its unpacking, update, replies encoded). The model's own
+An ``EngineCore`` on a tiny model (hidden 32), reporting to the server's own Prometheus metrics, is fed
+``batch`` one-row requests at a time, as HTTP delivers them, and timed around ``step()`` + ``flush()``
+(schedule, the runner's bookkeeping: building the batch, the exit decision's one transfer and its
+unpacking, update, metrics, replies encoded). The model's own
 computations (embedding, layer, ramp) are timed separately and subtracted: that is the kernel time a
 bigger model or a GPU changes; what is left is what this code costs per step. Two kinds of step:
 
@@ -128,6 +129,7 @@ def _measure(
     from server.engine.core import EngineCore
     from server.engine.messages import AddRequest, pack_token_ids
     from server.engine.types import EngineConfig
+    from server.metrics import ServerMetrics
 
     loaded = ModelStore(store).load(model)
     freeze_like_the_server()
@@ -150,7 +152,11 @@ def _measure(
             calibrate_step_cost=False,
             guard_sample_fraction=0.0,
         )
-        core = EngineCore(loaded, config)
+        # The server's own metrics (one process, as ``--frontends 1``): what the core reports per step
+        # is host time the server pays (a do-nothing observer once hid ~100 us of it at 64 rows).
+        metrics = ServerMetrics(model)
+        metrics.bind_model(num_layers)
+        core = EngineCore(loaded, config, metrics)
         core.handle(b"bench", _hello())
         request_id = 0
         samples: list[float] = []

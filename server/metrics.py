@@ -7,8 +7,9 @@ low-cardinality: the model name, a route template, a status code, a layer number
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,6 +37,34 @@ Registry = CollectorRegistry  # re-exported: the rest of the codebase never impo
 # No *_created series: they double the series count and no dashboard or rule here reads them.
 # (A process-wide switch in prometheus_client; this module is its only user.)
 disable_created_metrics()
+
+
+def observe_all(histogram: Any, values: Sequence[float]) -> None:
+    """What ``histogram.observe(v)`` for each of ``values`` records, as one update of the sum and one of
+    each bucket hit. The engine observes one value per row or request of a step (exit layers, queue
+    waits); prometheus_client has no batched observe, and its ``observe`` takes a lock and scans the
+    bounds per call (~2 us: at 64 rows a step, more than the step's own host work). Uses the histogram
+    child's ``_upper_bounds``, ``_buckets`` and ``_sum``, the same in single- and multi-process mode;
+    tests/server/test_metrics.py checks the exposition against plain ``observe`` calls."""
+    if not values:
+        return
+    bounds, buckets = histogram._upper_bounds, histogram._buckets
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound >= value: where ``observe`` counts it
+    histogram._sum.inc(sum(values))
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
+
+
+def observe_repeated(histogram: Any, value: float, count: int) -> None:
+    """``count`` observations of one ``value`` (a step's rows leaving at one layer) as one update of
+    the sum and one of the bucket (see ``observe_all``)."""
+    if count <= 0:
+        return
+    histogram._sum.inc(value * count)
+    histogram._buckets[bisect_left(histogram._upper_bounds, value)].inc(count)
 
 
 def mark_process_dead(pid: int) -> None:
@@ -69,6 +98,7 @@ class ServerMetrics:
         self.model = model
         self.num_layers: int | None = None
         self._exit_layer: Histogram | None = None
+        self._exit_layer_child: Histogram | None = None
         reg = registry
         self._requests = Counter(
             f"{PREFIX}_requests", "HTTP requests answered", ["model", "route", "status"], registry=reg
@@ -104,6 +134,7 @@ class ServerMetrics:
         self._rows_per_layer = Counter(
             f"{PREFIX}_rows_per_layer", "Rows that ran layer k", ["model", "layer"], registry=reg
         )
+        self._rows_per_layer_children: dict[int, Counter] = {}
         self._rows = Counter(f"{PREFIX}_rows", "Input rows answered", ["model"], registry=reg).labels(model)
         self._queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
@@ -276,7 +307,7 @@ class ServerMetrics:
             buckets=tuple(float(k) for k in range(1, num_layers + 1)),
             registry=self.registry,
         )
-        self._exit_layer.labels(self.model)
+        self._exit_layer_child = self._exit_layer.labels(self.model)
         for layer in range(1, num_layers + 1):  # every layer shows up at 0 before traffic
             self._rows_per_layer.labels(self.model, str(layer))
 
@@ -317,22 +348,25 @@ class ServerMetrics:
         self._inflight.set(num_requests)
         self._rows_in_system.set(num_rows)
 
-    def queue_wait(self, wait_s: float) -> None:
-        self._queue_wait.observe(wait_s)
+    def queue_waits(self, waits_s: Sequence[float]) -> None:
+        observe_all(self._queue_wait, waits_s)
 
     def layer_step(self, layer: int, num_rows: int, num_tokens: int) -> None:
         self._batch_size.observe(num_rows)
         self._layers_run.inc(num_rows)
-        self._rows_per_layer.labels(self.model, str(layer)).inc(num_rows)
+        rows_per_layer = self._rows_per_layer_children.get(layer)
+        if rows_per_layer is None:  # labelled once per layer, not per step
+            rows_per_layer = self._rows_per_layer_children[layer] = self._rows_per_layer.labels(
+                self.model, str(layer)
+            )
+        rows_per_layer.inc(num_rows)
 
     def row_exited(self, exit_layer: int, num_layers: int, num_rows: int = 1) -> None:
         """``num_rows`` rows left at ``exit_layer`` (the core reports a step's exits per layer at once)."""
         if self._exit_layer is None:  # reports before bind_model: bind from what the engine says
             self.bind_model(num_layers)
-        assert self._exit_layer is not None
-        histogram = self._exit_layer.labels(self.model)
-        for _ in range(num_rows):
-            histogram.observe(exit_layer)
+        assert self._exit_layer_child is not None
+        observe_repeated(self._exit_layer_child, float(exit_layer), num_rows)
         self._layers_saved.inc((num_layers - exit_layer) * num_rows)
         self._rows.inc(num_rows)
 

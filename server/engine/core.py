@@ -349,14 +349,15 @@ class EngineCore:
             return
         now_s = self._clock()
         get_owner = self._row_owner.get
-        queue_wait = self._observer.queue_wait
+        waits_s: list[float] = []
         for row in plan.new_rows:
             owner = get_owner(row.row_id)
             if owner is not None:
                 live = owner[0]
                 if live.first_step_s is None:
                     live.first_step_s = now_s
-                    queue_wait(now_s - live.admitted_s)
+                    waits_s.append(now_s - live.admitted_s)
+        self._observer.queue_waits(waits_s)  # one report per step, not one per request
 
     def _expire(self, decision: Decision) -> None:
         if not decision.expired:

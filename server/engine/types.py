@@ -5,7 +5,7 @@ Nothing here imports torch, fastapi or prometheus_client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -142,7 +142,7 @@ class EngineObserver(Protocol):
 
     def inflight(self, num_requests: int, num_rows: int) -> None: ...
 
-    def queue_wait(self, wait_s: float) -> None: ...
+    def queue_waits(self, waits_s: Sequence[float]) -> None: ...
 
     def layer_step(self, layer: int, num_rows: int, num_tokens: int) -> None: ...
 
@@ -180,7 +180,7 @@ class NullObserver:
     def inflight(self, num_requests: int, num_rows: int) -> None:
         pass
 
-    def queue_wait(self, wait_s: float) -> None:
+    def queue_waits(self, waits_s: Sequence[float]) -> None:
         pass
 
     def layer_step(self, layer: int, num_rows: int, num_tokens: int) -> None:

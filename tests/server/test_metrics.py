@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,7 +74,7 @@ def test_observer_numbers() -> None:
         metrics.layer_step(layer, num_rows, num_rows * 10)
     for exit_layer in [1, 1, 2, 2, 3]:
         metrics.row_exited(exit_layer, 3)
-    metrics.queue_wait(0.002)
+    metrics.queue_waits([0.002])
     metrics.queue_depth(7)
     metrics.inflight(2, 9)
     metrics.batch_failed(4)
@@ -109,6 +113,55 @@ def test_observer_numbers() -> None:
     assert value("exitserve_guard_dropped_total", m) == 5
     assert value("exitserve_guard_expected_agreement", {**m, "bucket": "0.3"}) == 0.985
     assert value("exitserve_default_speed", m) == 0.2
+
+
+_BATCHED_VS_PLAIN = """
+import json, sys
+from prometheus_client import CollectorRegistry, Histogram, multiprocess
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from server.metrics import observe_all, observe_repeated
+registry = CollectorRegistry()
+buckets = (0.001, 0.01, 0.1, 1.0, 2.0, 3.0)
+plain = Histogram("plain", "h", ["model"], buckets=buckets, registry=registry).labels("m")
+batched = Histogram("batched", "h", ["model"], buckets=buckets, registry=registry).labels("m")
+waits = [0.0005, 0.001, 0.0011, 0.05, 0.05, 0.5, 2.5, 7.0, 0.0]  # on a bound, between, past the last
+for value in waits:
+    plain.observe(value)
+observe_all(batched, waits)
+observe_all(batched, [])
+for layer, count in [(1, 5), (3, 2), (2, 0), (3, 1)]:
+    for _ in range(count):
+        plain.observe(float(layer))
+    observe_repeated(batched, float(layer), count)
+if sys.argv[1] == "mp":
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+samples = {}
+for family in text_string_to_metric_families(generate_latest(registry).decode()):
+    for sample in family.samples:
+        if family.name in ("plain", "batched"):
+            key = sample.name.replace(family.name, "h") + json.dumps(sorted(sample.labels.items()))
+            samples.setdefault(family.name, {})[key] = sample.value
+print(json.dumps(samples))
+"""
+
+
+@pytest.mark.parametrize("mode", ["single", "mp"])
+def test_batched_observes_record_what_plain_observes_do(mode: str, tmp_path: Path) -> None:
+    """``observe_all`` / ``observe_repeated`` (the engine's per-step reports) write the samples that one
+    ``observe`` per value writes, in both of prometheus_client's value modes (chosen at its import:
+    hence a fresh interpreter each)."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    if mode == "mp":
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", _BATCHED_VS_PLAIN, mode], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    samples = json.loads(out.stdout)
+    assert samples["plain"] == samples["batched"]
+    assert samples["plain"]['h_count[["model", "m"]]'] == 9 + 8
 
 
 def test_exit_layer_buckets_are_the_layers() -> None:

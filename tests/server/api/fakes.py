@@ -97,7 +97,7 @@ class FakeEngine:
         if not self.is_ready():
             raise NotReadyError("engine is not ready")
         exit_layers = [expected_exit_layer(t, options.max_layers) for t in texts]
-        self.observer.queue_wait(QUEUE_TIME_S)
+        self.observer.queue_waits([QUEUE_TIME_S])
         for layer in range(1, max(exit_layers) + 1):
             num_rows = sum(1 for e in exit_layers if e >= layer)
             self.observer.layer_step(layer, num_rows, num_rows * 8)
