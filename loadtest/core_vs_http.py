@@ -1,11 +1,11 @@
 """The default model at its default speed on real emails: the engine core fed directly vs over HTTP.
 
 The core alone: an ``EngineCore`` in this process with the server's default settings (but for the
-queue-wait bound, off as below), fed the emails' token rows as ``AddRequest`` messages, ``connections``
-requests in flight (one email each), until every email was answered once. Over HTTP: ``python -m
-server`` with its defaults (but for the queue-wait bound, off: this measures throughput, not admission)
-under wrk with the same emails and as many connections. The two take turns for ``rounds`` rounds; the
-figure is the median of the rounds' ratios.
+queue-wait bound, off as below), reporting to the server's Prometheus metrics, fed the emails' token
+rows as ``AddRequest`` messages, ``connections`` requests in flight (one email each), until every
+email was answered once. Over HTTP: ``python -m server`` with its defaults (but for the queue-wait
+bound, off: this measures throughput, not admission) under wrk with the same emails and as many
+connections. The two take turns for ``rounds`` rounds; the figure is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class _Collect:
 class CoreAlone:
     """The core-alone side, prepared once (model loaded and the GC frozen as the server does, emails
     tokenized); each ``run`` feeds a fresh ``EngineCore`` with the server's default settings but for the
-    queue-wait bound, off as on the HTTP side."""
+    queue-wait bound, off as on the HTTP side, and the server's metrics."""
 
     def __init__(self, options: Any, emails: list[str]) -> None:
         import torch
@@ -61,14 +61,29 @@ class CoreAlone:
         self.connections = options.connections
 
     def run(self) -> dict[str, Any]:
-        """Every email answered once, ``connections`` in flight (closed loop): rows/s."""
+        """Every email answered once, ``connections`` in flight (closed loop): rows/s, refusals, and the
+        rows the core's metrics counted. The caller's grad mode is left as it was (the core's start-up
+        calibration turns it off for its process, as a served core's does)."""
+        import torch
+
+        grad_enabled = torch.is_grad_enabled()
+        try:
+            return self._run()
+        finally:
+            torch.set_grad_enabled(grad_enabled)
+
+    def _run(self) -> dict[str, Any]:
         import torch
 
         from server.engine.core import EngineCore
         from server.engine.messages import AddRequest, Hello, pack_token_ids
+        from server.metrics import ServerMetrics
 
         m, rows = self.loaded.manifest, self.rows
-        core = EngineCore(self.loaded, self.settings.engine_config())
+        # Reporting to the server's own metrics, as the served core does (one process: ``--frontends 1``).
+        metrics = ServerMetrics(self.settings.model)
+        metrics.bind_model(m.num_layers)
+        core = EngineCore(self.loaded, self.settings.engine_config(), metrics)
         sink = _Collect()
         core.handle(b"bench", Hello(1))
 
@@ -98,7 +113,9 @@ class CoreAlone:
                         add(sent)
                         sent += 1
             elapsed_s = time.perf_counter() - started
-        return {"rps": sink.num_answered / elapsed_s, "failed": sink.num_failed}
+        model = {"model": self.settings.model}
+        rows_counted = metrics.registry.get_sample_value("exitserve_rows_total", model)
+        return {"rps": sink.num_answered / elapsed_s, "failed": sink.num_failed, "rows_counted": rows_counted}
 
 
 def core_vs_http(options: Any, emails: list[str]) -> dict[str, Any]:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
 from loadtest.ceiling import markdown, median_rows
-from loadtest.core_vs_http import summarize
+from loadtest.core_vs_http import CoreAlone, summarize
+from loadtest.tiny import make_tiny_store
 
 
 def _row(server: str, text: str, round_: int, rps: float, cpu_ms: float, vs: float, cpu_vs: float) -> dict:
@@ -91,3 +98,14 @@ def test_http_vs_core_is_the_median_of_ratios_taken_within_each_round() -> None:
     assert (
         "3 round(s)" in text and "**84 %** of the core's own throughput (rounds: 90 %, 80 %, 84 %)." in text
     )
+
+
+@pytest.mark.model
+def test_the_core_alone_answers_every_email_once_and_reports_to_the_servers_metrics(tmp_path: Path) -> None:
+    make_tiny_store(tmp_path / "store", max_seq_length=32)
+    emails = [f"email number {i} about a free cruise" for i in range(40)]
+    options = SimpleNamespace(store=tmp_path / "store", model="tiny-1layer", connections=8)
+    result = CoreAlone(options, emails).run()
+    assert torch.is_grad_enabled()  # the caller's grad mode is left alone
+    assert result["failed"] == 0 and result["rps"] > 0
+    assert result["rows_counted"] == len(emails)  # every answer went through the metrics, once
