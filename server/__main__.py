@@ -79,7 +79,7 @@ def serve(settings: Settings) -> int:
     if loaded is None:
         return 1
     engine_config = settings.engine_config()
-    app = create_app(settings, lambda observer: LocalEngine(loaded, engine_config, observer))
+    app = create_app(settings, lambda observer: LocalEngine(loaded, engine_config, observer), freeze_gc=True)
     server = draining_server(app, settings)
     server.run()
     return 0 if server.started else 3  # 3: start-up failed (uvicorn's own code for it)

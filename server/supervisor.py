@@ -138,7 +138,7 @@ def frontend_main(
         if server is not None:
             server.handle_exit(signal.SIGTERM, None)
 
-    app = create_app(settings, build, multiprocess_metrics=True)
+    app = create_app(settings, build, multiprocess_metrics=True, freeze_gc=True)
     server = draining_server(app, settings)
     holder["server"] = server
     server.run(sockets=sockets)

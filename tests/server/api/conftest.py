@@ -45,10 +45,11 @@ class Served:
 
 @asynccontextmanager
 async def serve(
-    settings: Settings | None = None, start: bool = True, fast_classify: bool = True
+    settings: Settings | None = None, start: bool = True, fast_classify: bool = True, freeze_gc: bool = False
 ) -> AsyncIterator[Served]:
     """The app with a fresh registry and fake engine; ``start=False`` skips the lifespan (not ready);
-    ``fast_classify=False``: every classify request through the FastAPI route."""
+    ``fast_classify=False``: every classify request through the FastAPI route; ``freeze_gc``: as a
+    served process starts (patch ``gc`` first: a test process must not freeze its objects)."""
     registry = Registry()
     engines: list[FakeEngine] = []
 
@@ -56,7 +57,13 @@ async def serve(
         engines.append(FakeEngine(observer))
         return engines[-1]
 
-    app = create_app(settings or make_settings(), factory, registry=registry, fast_classify=fast_classify)
+    app = create_app(
+        settings or make_settings(),
+        factory,
+        registry=registry,
+        fast_classify=fast_classify,
+        freeze_gc=freeze_gc,
+    )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         if not start:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
+import pytest
+
 from tests.server.api.conftest import Served, assert_error, serve
-from tests.server.api.fakes import CALIBRATION
+from tests.server.api.fakes import CALIBRATION, FakeEngine
 
 
 async def test_health_and_ready(served: Served) -> None:
@@ -54,3 +58,26 @@ async def test_openapi_and_docs(served: Served) -> None:
     assert "/v2/models/{name}/infer" in spec["paths"]
     docs = await served.client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+@pytest.mark.parametrize("freeze_gc", [False, True])
+async def test_a_served_process_freezes_what_is_alive_once_started(
+    freeze_gc: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m server`` and every front-end process freeze their objects out of later collections once
+    started, engine included; an app built without ``freeze_gc`` (tests, embedding) leaves ``gc`` alone."""
+    calls: list[str] = []
+    start = FakeEngine.start
+
+    async def recorded_start(self: FakeEngine) -> None:
+        calls.append("engine started")
+        await start(self)
+
+    monkeypatch.setattr(FakeEngine, "start", recorded_start)
+    monkeypatch.setattr(gc, "collect", lambda *_: calls.append("collect") or 0)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    async with serve(start=False, freeze_gc=freeze_gc):
+        assert calls == []  # nothing while the app is built
+    async with serve(freeze_gc=freeze_gc) as s:
+        assert (await s.client.get("/readyz")).status_code == 200
+    assert calls == (["engine started", "collect", "freeze"] if freeze_gc else ["engine started"])
