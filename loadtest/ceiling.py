@@ -306,8 +306,8 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {r.get('cpu_vs_hello', 1.0):.2f} x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} |"
         )
     lines += ["", "**Host time per layer step** (tiny models, CPU; the engine core's schedule + runner "
-              "bookkeeping + update + replies encoded, kernels excluded; median of the timed steps, then "
-              "of the rounds). "
+              "bookkeeping + update + the server's metrics + replies encoded, kernels excluded; median of "
+              "the timed steps, then of the rounds). "
               "*Turnover*: 1-layer model, every row of the step is new and answered in it. *Carried*: "
               "3-layer model, the step of layer 2, whose rows come from layer 1 and go on to layer 3. "
               "*Floor*: what a turnover step cannot avoid in Python and torch and nothing else (the rows "
