@@ -43,7 +43,8 @@ def observe_all(histogram: Any, values: Sequence[float]) -> None:
     """What ``histogram.observe(v)`` for each of ``values`` records, as one update of the sum and one of
     each bucket hit. The engine observes one value per row or request of a step (exit layers, queue
     waits); prometheus_client has no batched observe, and its ``observe`` takes a lock and scans the
-    bounds per call (~2 us: at 64 rows a step, more than the step's own host work). Uses the histogram
+    bounds per call: 1.1-1.5 us here, 2.0 in multi-process mode, so ~165 us (~255) of a step of 64
+    one-row requests for the two histograms; batched, ~12 us (~10) (``timeit``). Uses the histogram
     child's ``_upper_bounds``, ``_buckets`` and ``_sum``, the same in single- and multi-process mode;
     tests/server/test_metrics.py checks the exposition against plain ``observe`` calls."""
     if not values:

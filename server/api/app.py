@@ -70,8 +70,9 @@ def create_app(
         if freeze_gc:
             # Requests waiting for the engine outlive young collections, so under load they reach the
             # oldest generation and trigger full collections, each a pass over every object alive. Not
-            # frozen, a front-end process (~100,000 objects) stalled its event loop 42-65 ms in a full
-            # collection 13-14 times in 20 s (150-character texts, --frontends 2, ~2,000 req/s each).
+            # frozen, the two front-end processes of --frontends 2 (~100,000 objects each) ran 6 and 22
+            # full collections in 20 s of 150-character texts, up to 58 and 64 ms each with the event
+            # loop stalled; frozen, 18 and 9, at most 1.3 and 4.1 ms (BENCHMARKS.md, runs N and O).
             gc.collect()
             gc.freeze()
         logger.info("serving %s version %s (%d layers)", info.name, info.version, info.num_layers)
