@@ -209,6 +209,7 @@ def floor_step_us(batch: int = 64, num_tokens: int = 24, num_labels: int = 2, nu
     the layer needs, a softmax and an argmax over the ramp's logits, reading both, one reply record per
     row and one msgpack encode. No scheduling, admission, exit decision or metrics: the floor that
     ``host_step_us`` (the engine's step) is compared with in BENCHMARKS.md."""
+    import struct
     from array import array
     from collections import deque
 
@@ -224,9 +225,11 @@ def floor_step_us(batch: int = 64, num_tokens: int = 24, num_labels: int = 2, nu
         if len(waiting) < batch:
             waiting.extend((i, ids, 0.5) for i in range(batch * 64))
         rows = [waiting.popleft() for _ in range(batch)]
-        parts: list[array[int] | array[float]] = [array("f", [r[2] for r in rows])]
+        # The per-row numbers packed as ``Runner._embed`` packs them (``struct``: an ``array`` built from a
+        # list converts item by item).
+        parts: list[bytes | array[int]] = [struct.pack(f"{batch}f", *[r[2] for r in rows])]
         parts += [r[1] for r in rows]
-        parts.append(array(TOKEN_ID_TYPECODE, [num_tokens] * batch))
+        parts.append(struct.pack(f"{batch}i", *[num_tokens] * batch))
         packed = torch.frombuffer(bytearray().join(parts), dtype=torch.int32)
         longs = packed[batch:].long()
         longs[: batch * num_tokens].view(batch, num_tokens)
