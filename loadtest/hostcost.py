@@ -186,15 +186,13 @@ def _measure(
 
 
 def freeze_like_the_server() -> None:
-    """What the server does once its model is loaded (``server.__main__.load_model``): collect, then
-    freeze every object alive into the permanent generation, left out of every later collection. A
-    benchmark process that does not pays collections over the libraries' objects that a served core no
-    longer pays (this benchmark at 64 rows, kernels cached, medians of four runs: 273-470 µs a step unfrozen,
+    """What the server does once its model is loaded (``server.gc_freeze.freeze_alive``). A benchmark
+    process that does not pays collections over the libraries' objects that a served core no longer
+    pays (this benchmark at 64 rows, kernels cached, medians of four runs: 273-470 µs a step unfrozen,
     200-322 frozen, three of the four at 200-208)."""
-    import gc
+    from server.gc_freeze import freeze_alive
 
-    gc.collect()
-    gc.freeze()
+    freeze_alive()
 
 
 def _hello() -> Any:

@@ -10,12 +10,12 @@ waits up to ``drain_timeout_s`` for open requests, then the app's lifespan stops
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from server.gc_freeze import freeze_alive
 from server.settings import Settings, available_cores, load_settings
 
 if TYPE_CHECKING:
@@ -55,8 +55,7 @@ def load_model(settings: Settings) -> LoadedModel | None:
     # The model, its tokenizer and the libraries hold millions of objects that live as long as the
     # process: a full (gen 2) collection scanned them all and stalled every request for 220-250 ms
     # (measured at 1.5x load). Frozen, they are left out of every collection.
-    gc.collect()
-    gc.freeze()
+    freeze_alive()
     return loaded
 
 

@@ -8,7 +8,6 @@ requests finish. uvicorn has stopped accepting connections and waited for open o
 from __future__ import annotations
 
 import asyncio
-import gc
 import inspect
 import logging
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from server.api.errors import install_error_handlers
 from server.api.fast_v1 import FastClassifyMiddleware
 from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, TimingMiddleware
 from server.api.state import AppState, EngineFactory
+from server.gc_freeze import freeze_alive
 from server.metrics import Registry, ServerMetrics
 from server.settings import Settings
 
@@ -73,8 +73,7 @@ def create_app(
             # frozen, the two front-end processes of --frontends 2 (~100,000 objects each) ran 6 and 22
             # full collections in 20 s of 150-character texts, up to 58 and 64 ms each with the event
             # loop stalled; frozen, 18 and 9, at most 1.3 and 4.1 ms (BENCHMARKS.md, runs N and O).
-            gc.collect()
-            gc.freeze()
+            freeze_alive()
         logger.info("serving %s version %s (%d layers)", info.name, info.version, info.num_layers)
         try:
             yield
