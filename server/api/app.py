@@ -70,9 +70,9 @@ def create_app(
         if freeze_gc:
             # Requests waiting for the engine outlive young collections, so under load they reach the
             # oldest generation and trigger full collections, each a pass over every object alive. Not
-            # frozen, the two front-end processes of --frontends 2 (~100,000 objects each) ran 6 and 22
-            # full collections in 20 s of 150-character texts, up to 58 and 64 ms each with the event
-            # loop stalled; frozen, 18 and 9, at most 1.3 and 4.1 ms (BENCHMARKS.md, runs N and O).
+            # frozen, the two front-end processes of --frontends 2 (~100,000 objects each; otherwise the
+            # defaults, tiny model) ran 5 and 17 full collections in 20 s of 150-character texts, up to
+            # 69 and 75 ms each with the event loop stalled; frozen, 14 and 14, at most 6.2 and 1.9 ms.
             freeze_alive()
         logger.info("serving %s version %s (%d layers)", info.name, info.version, info.num_layers)
         try:
