@@ -44,8 +44,14 @@ typecheck: install
 tools: install
 	bash scripts/install-test-tools.sh $(VENV)
 
+# The suite on TEST_WORKERS processes (pytest-xdist; a test file stays on one worker, so its servers start
+# once), then the tests marked `serial` on their own: they measure wall-clock time (goodput at 2x capacity,
+# a killed core's 503s within 1 s, deadlines), which a second worker's load would skew. `pytest` alone
+# runs everything in one process.
+TEST_WORKERS ?= 2
 test: lint typecheck tools
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not serial" -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -m serial
 
 unit: install
 	$(PY) -m pytest -m "unit or model or api"

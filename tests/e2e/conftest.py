@@ -97,7 +97,7 @@ def start_server(
             pass
         time.sleep(0.1)
     server.terminate()
-    raise RuntimeError(f"server not ready in 60 s:\n{server.log()}")
+    raise RuntimeError(f"server not ready in 90 s:\n{server.log()}")
 
 
 @pytest.fixture(scope="session")
@@ -118,16 +118,31 @@ def frontends(request: pytest.FixtureRequest) -> int:
 # One server per front-end count for the whole session (starting one costs seconds; tests that need other
 # settings start their own). Tests on it compare metrics before and after, never absolute counts.
 @pytest.fixture(scope="session")
-def server(
-    tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory, frontends: int
-) -> Iterator[ServerProcess]:
-    # Tests on this server check answers, not admission (tests/e2e/test_reliability.py and
-    # test_admission.py do): a burst on a slow CI machine must not be refused by the queue-wait bound.
-    running = start_server(
-        tiny_store.root,
-        tmp_path_factory.mktemp("log") / "server.log",
-        "--max-batch-size", "8", "--max-queue-wait-ms", "none",
-        frontends=frontends,
-    )  # fmt: skip
+def _shared_servers() -> Iterator[dict[int, ServerProcess]]:
+    """The shared servers started so far, by front-end count, stopped at the end of the session. Kept
+    here rather than in ``server`` itself: pytest keeps one value of a parametrized fixture at a time,
+    so each change of ``frontends`` (at every test file, when a worker runs files one by one) would stop
+    one server and start the other."""
+    running: dict[int, ServerProcess] = {}
     yield running
-    running.terminate()
+    for one in running.values():
+        one.terminate()
+
+
+@pytest.fixture(scope="session")
+def server(
+    tiny_store: ModelStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    frontends: int,
+    _shared_servers: dict[int, ServerProcess],
+) -> ServerProcess:
+    if frontends not in _shared_servers:
+        # Tests on this server check answers, not admission (tests/e2e/test_reliability.py and
+        # test_admission.py do): a burst on a slow CI machine must not be refused by the queue-wait bound.
+        _shared_servers[frontends] = start_server(
+            tiny_store.root,
+            tmp_path_factory.mktemp("log") / "server.log",
+            "--max-batch-size", "8", "--max-queue-wait-ms", "none",
+            frontends=frontends,
+        )  # fmt: skip
+    return _shared_servers[frontends]

@@ -94,6 +94,7 @@ def test_models_and_readiness_read_the_same_from_every_front_end(
         assert len(_served_by(server, "/v1/models")) == frontends
 
 
+@pytest.mark.serial
 def test_unreachable_deadline_gets_504_at_once(heavy: ServerProcess) -> None:
     before = _metrics(heavy)
     started = time.monotonic()
@@ -160,6 +161,7 @@ def test_disconnected_client_rows_are_dropped(heavy: ServerProcess) -> None:
     )
 
 
+@pytest.mark.serial
 def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -> None:
     """SIGKILL the core: its in-flight requests get 503 at once and a new core serves. Then a core that
     keeps dying soon after its start: the server stops with exit 1, not a restart loop."""
@@ -232,6 +234,7 @@ def _core_pid(running: ServerProcess, epoch: int) -> int | None:
     return int(match.group(1))
 
 
+@pytest.mark.serial
 def test_hung_core_is_killed_and_replaced(tmp_path: Path) -> None:
     """A core stopped in the middle of a step (SIGSTOP: hung, from outside) is killed by the supervisor
     once the step has run past --step-timeout-s; its requests get 503 and a new core serves."""

@@ -89,6 +89,7 @@ TEXTS = [" ".join(random.Random(i).choice(WORDS) for _ in range(100)) for i in r
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_overload_at_twice_capacity_keeps_goodput_and_loses_nothing(tmp_path: Path, frontends: int) -> None:
     """A bounded version of ``python -m loadtest overload`` (RELIABILITY.md) with the server's defaults:
     2x capacity, open loop, with 1 s deadlines and without deadlines."""

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.model
 SLEEP_S = 0.005
 
 
+@pytest.mark.serial
 def test_kernel_time_is_not_counted_as_host_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_tiny_store(tmp_path / "store", max_seq_length=32)
     load = ModelStore.load
@@ -58,6 +59,7 @@ def test_the_floor_step_encodes_replies_the_front_ends_can_read(monkeypatch: pyt
     assert exit_layer == 1 and len(probs) == 2 and probs[label] == max(probs)
 
 
+@pytest.mark.serial
 def test_cached_kernels_run_once_per_shape_and_leave_host_time_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,6 +62,7 @@ async def test_connection_refused_is_an_error_not_a_crash() -> None:
     assert summary["throughput_rps"] == 0.0
 
 
+@pytest.mark.serial
 async def test_closed_loop_stops_at_max_duration(server) -> None:
     examples = [Example("sleep:0.05 spam", "spam")]
     settings = LoadSettings(url=server.url, concurrency=2, max_requests=100_000, max_duration_s=0.5)
@@ -74,6 +75,7 @@ async def test_closed_loop_stops_at_max_duration(server) -> None:
     assert all(r.sent_s < 0.5 for r in result.records)
 
 
+@pytest.mark.serial
 async def test_drain_timeout_cancels_stragglers(server) -> None:
     examples = [Example("sleep:3 spam", "spam")]
     settings = LoadSettings(
@@ -85,6 +87,7 @@ async def test_drain_timeout_cancels_stragglers(server) -> None:
     assert result.summary["errors_by_status"] == {"cancelled": 3}
 
 
+@pytest.mark.serial
 async def test_open_loop_follows_the_poisson_schedule(server) -> None:
     settings = LoadSettings(
         url=server.url, mode="open", rate_per_s=200.0, concurrency=64, max_requests=10_000, max_duration_s=1.0

@@ -20,7 +20,7 @@ from server.engine.types import ClassifyOptions, EngineConfig
 from tests.server.engine.test_local import hooked
 from tests.tiny_models import tiny_loaded_model
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.serial]  # steps slowed to a known wall-clock cost
 
 STEP_S = 0.025
 
