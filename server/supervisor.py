@@ -9,6 +9,10 @@ process supervising them.
   it when one step runs past ``step_timeout_s``, and restarts it when it dies (``SIGKILL`` included).
   Meanwhile ``epoch`` (shared memory) is 0: every front end answers its in-flight requests 503 at once,
   ``/readyz`` says 503, and the new core is connected as soon as it serves.
+- Each core is forked from a process that imported torch, transformers and the engine once (multiprocessing's
+  forkserver, started with the first core, before any thread or device exists in it): a restarted core
+  pays for its model's load and calibration, not the ~4 s of imports again (RELIABILITY.md, "A core's
+  restart"). The front ends are spawned: they import neither.
 - Metrics: prometheus_client's multiprocess mode (``server/metrics.py``); any front end's ``/metrics``
   shows the sum over every process.
 - SIGTERM / SIGINT: every front end drains (``/readyz`` 503, in-flight requests answered), then the core
@@ -42,6 +46,9 @@ STOP_GRACE_S = 5.0
 # tokenizer gone bad): the supervisor stops with exit 1 instead of restarting it forever.
 EARLY_EXIT_S = 10.0
 MAX_EARLY_EXITS = 3
+# What the forkserver imports once, for every core it forks (none of it imports prometheus_client, whose
+# value class is chosen at import from PROMETHEUS_MULTIPROC_DIR: the core imports it after the fork).
+CORE_PRELOAD = ["torch", "transformers", "zmq", "model_store.store", "server.engine.core"]
 
 
 def _set_value(value: Any, new: float) -> None:
@@ -151,6 +158,8 @@ class Supervisor:
         self.settings = settings
         self.num_frontends = num_frontends
         self._mp = multiprocessing.get_context("spawn")
+        self._core_mp = multiprocessing.get_context("forkserver")
+        self._core_mp.set_forkserver_preload(CORE_PRELOAD)
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="exitserve-"))
         self._address = f"ipc://{self._runtime_dir / 'core.sock'}"
         self._epoch: Synchronized[int] = self._mp.Value("q", 0, lock=False)  # type: ignore[assignment]
@@ -167,7 +176,8 @@ class Supervisor:
     def run(self) -> int:
         metrics_dir = self._runtime_dir / "metrics"
         metrics_dir.mkdir()
-        # Read by prometheus_client when the children import it (they are spawned, not forked).
+        # Read by prometheus_client when the children import it (the front ends are spawned; the forkserver
+        # that forks each core starts with the first core, after this, and does not import it).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
@@ -212,7 +222,7 @@ class Supervisor:
     def _start_core(self) -> None:
         self._core_epoch += 1
         self._busy.value = 0.0
-        process = self._mp.Process(
+        process = self._core_mp.Process(
             target=core_main,
             args=(self.settings, self._address, self._epoch, self._busy, self._core_epoch),
             name=f"exitserve-core-{self._core_epoch}",

@@ -207,6 +207,13 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
             time.sleep(0.1)
         ok = httpx.post(f"{running.base_url}/v1/classify", json={"inputs": ["back again"]}, timeout=30)
         assert ok.status_code == 200, ok.text
+        # The new core was forked from the forkserver that imported torch once (not spawned: it would
+        # import it again): its parent is that server, not the supervisor.
+        new_pid = _core_pid(running, 2)
+        assert new_pid is not None
+        parent = int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{new_pid}/status").read_text(), re.M)[1])
+        assert parent != running.process.pid
+        assert b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
         assert _metric(_metrics(running), "exitserve_engine_restarts_total") == 1.0
 
         # Crash-loop protection: three deaths within 10 s of their start stop the server (core 1 may
@@ -271,6 +278,13 @@ def test_hung_core_is_killed_and_replaced(tmp_path: Path) -> None:
             time.sleep(0.1)
         ok = httpx.post(f"{running.base_url}/v1/classify", json={"inputs": ["back again"]}, timeout=30)
         assert ok.status_code == 200, ok.text
+        # The new core was forked from the forkserver that imported torch once (not spawned: it would
+        # import it again): its parent is that server, not the supervisor.
+        new_pid = _core_pid(running, 2)
+        assert new_pid is not None
+        parent = int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{new_pid}/status").read_text(), re.M)[1])
+        assert parent != running.process.pid
+        assert b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
     finally:
         code = running.terminate(60)
     assert code == 0
