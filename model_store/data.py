@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import email
 import email.policy
+import fcntl
 import hashlib
 import html
 import json
@@ -133,27 +134,33 @@ def _fetch_pinned(
 ) -> Path:
     """``cache_dir/unpacked_name``, made once: the archive downloaded (``download``) unless a copy with
     the pinned ``sha256`` is there, checked, unpacked (``unpack(archive, into)``) into a partial folder
-    and renamed into place, so an interrupted unpack is never taken for a complete one."""
+    and renamed into place, so an interrupted unpack is never taken for a complete one. Processes making
+    the same copy at once (two builds, the test suite's workers) take turns on a lock file: the one that
+    waited finds the copy made and uses it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     unpacked = cache_dir / unpacked_name
     if (unpacked / ".complete").exists():
         return unpacked
-    archive = cache_dir / archive_name
-    if not archive.exists() or sha256_file(archive) != sha256:
-        download()
-    actual = sha256_file(archive) if archive.exists() else "(no file)"
-    if actual != sha256:
-        raise DataError(
-            f"{archive}: sha256 {actual} does not match the pinned {sha256}; "
-            f"delete it and retry, or check what {source} served"
-        )
-    partial = cache_dir / f".{unpacked_name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    unpack(archive, partial)
-    shutil.rmtree(unpacked, ignore_errors=True)
-    partial.rename(unpacked)
-    (unpacked / ".complete").touch()
+    with (cache_dir / f".{unpacked_name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+        if (unpacked / ".complete").exists():
+            return unpacked
+        archive = cache_dir / archive_name
+        if not archive.exists() or sha256_file(archive) != sha256:
+            download()
+        actual = sha256_file(archive) if archive.exists() else "(no file)"
+        if actual != sha256:
+            raise DataError(
+                f"{archive}: sha256 {actual} does not match the pinned {sha256}; "
+                f"delete it and retry, or check what {source} served"
+            )
+        partial = cache_dir / f".{unpacked_name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        unpack(archive, partial)
+        (partial / ".complete").touch()
+        shutil.rmtree(unpacked, ignore_errors=True)
+        partial.rename(unpacked)
     return unpacked
 
 

