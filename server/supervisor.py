@@ -48,6 +48,7 @@ EARLY_EXIT_S = 10.0
 MAX_EARLY_EXITS = 3
 # What the forkserver imports once, for every core it forks (none of it imports prometheus_client, whose
 # value class is chosen at import from PROMETHEUS_MULTIPROC_DIR: the core imports it after the fork).
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 CORE_PRELOAD = ["torch", "transformers", "zmq", "model_store.store", "server.engine.core"]
 
 
@@ -55,8 +56,21 @@ def _set_value(value: Any, new: float) -> None:
     value.value = new
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent, the forkserver, ends. The supervisor learns of a core's end
+    through the forkserver: if the forkserver were killed (the OOM killer, an operator), the supervisor
+    would take the core for dead and start another while this one lived on, orphaned, holding its
+    memory. And when the supervisor is killed, the forkserver exits: so does the core (Linux only)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def core_main(settings: Settings, address: str, epoch_value: Any, busy_value: Any, epoch: int) -> None:
     """The engine-core process: load the model, serve front ends over ``address`` until SIGTERM."""
+    _die_with_parent()
     import zmq
 
     from server.__main__ import load_model

@@ -201,7 +201,7 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
                 assert r.json()["error"]["type"] == "not_ready"
         assert sum(r.status_code == 503 for r, _ in answered) >= 4, [(r.status_code, t) for r, t in answered]
         assert answered_after_s < 1.0  # at once: not after the new core has loaded
-        _core_2_serves(running)
+        _core_serves(running, 2)
         assert _metric(_metrics(running), "exitserve_engine_restarts_total") == 1.0
 
         # Crash-loop protection: three deaths within 10 s of their start stop the server (core 1 may
@@ -218,21 +218,30 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
     assert "exited within 10 s of its start 3 times in a row; stopping" in running.log()
 
 
-def _core_2_serves(running: ServerProcess) -> None:
-    """The replacement core serves: ``/readyz`` 200 and an answer. It was forked from the forkserver
-    that imported torch once (spawned, it would import it again): its parent is that server, not the
-    supervisor."""
+def _core_serves(running: ServerProcess, epoch: int) -> int:
+    """Core ``epoch`` serves: ``/readyz`` 200 and an answer. It was forked from the forkserver that
+    imported torch once (spawned, it would import it again): its parent is that server, not the
+    supervisor. Returns the forkserver's pid."""
     give_up_s = time.monotonic() + 60
     while httpx.get(f"{running.base_url}/readyz").status_code != 200:
         assert time.monotonic() < give_up_s, running.log()
         time.sleep(0.1)
     ok = httpx.post(f"{running.base_url}/v1/classify", json={"inputs": ["back again"]}, timeout=30)
     assert ok.status_code == 200, ok.text
-    pid = _core_pid(running, 2)
+    pid = _core_pid(running, epoch)
     assert pid is not None
     parent = int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{pid}/status").read_text(), re.M)[1])
     assert parent != running.process.pid
     assert b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
+    return parent
+
+
+def _ended(pid: int) -> bool:
+    """``pid`` has exited (gone, or a zombie its new parent has not reaped yet)."""
+    try:
+        return re.search(r"^State:\s+Z", Path(f"/proc/{pid}/status").read_text(), re.M) is not None
+    except FileNotFoundError:
+        return True
 
 
 def _core_pid(running: ServerProcess, epoch: int) -> int | None:
@@ -277,7 +286,19 @@ def test_hung_core_is_killed_and_replaced(tmp_path: Path) -> None:
         assert "a step ran longer than 1.0 s" in running.log()
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503} and 503 in statuses, statuses
-        _core_2_serves(running)
+        forkserver = _core_serves(running, 2)
+
+        # The forkserver killed (say by the OOM killer): the supervisor, told of its cores' ends through
+        # it, takes core 2 for ended, and core 2 does end with it (no orphan left serving nobody); a new
+        # forkserver forks core 3.
+        core_2 = _core_pid(running, 2)
+        assert core_2 is not None
+        os.kill(forkserver, signal.SIGKILL)
+        give_up_s = time.monotonic() + 10
+        while not _ended(core_2):
+            assert time.monotonic() < give_up_s, f"core 2 outlived its forkserver:\n{running.log()}"
+            time.sleep(0.05)
+        assert _core_serves(running, 3) != forkserver
     finally:
         code = running.terminate(60)
     assert code == 0
