@@ -57,15 +57,29 @@ def _set_value(value: Any, new: float) -> None:
 
 
 def _die_with_parent() -> None:
-    """SIGKILL this process when its parent, the forkserver, ends. The supervisor learns of a core's end
-    through the forkserver: if the forkserver were killed (the OOM killer, an operator), the supervisor
-    would take the core for dead and start another while this one lived on, orphaned, holding its
-    memory. And when the supervisor is killed, the forkserver exits: so does the core (Linux only)."""
-    import ctypes
+    """End this core when its parent, the forkserver, ends, and let the forkserver end with the supervisor.
 
+    The supervisor learns of a core's end through the forkserver: if the forkserver were killed (the OOM
+    killer, an operator), the supervisor would take the core for ended and start another while this one
+    lived on, orphaned: so SIGKILL when the parent ends (``PR_SET_PDEATHSIG``, Linux). The forkserver
+    itself exits once every holder of its "alive" pipe has closed it: the supervisor and each process
+    it forked (given a copy so that it could fork in turn; a core never does). Closed here, a killed
+    supervisor ends the forkserver, and so this core (the front ends notice on their own)."""
+    import ctypes
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(alive_fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+    parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
 
 
 def core_main(settings: Settings, address: str, epoch_value: Any, busy_value: Any, epoch: int) -> None:
@@ -119,7 +133,12 @@ def core_main(settings: Settings, address: str, epoch_value: Any, busy_value: An
 
 
 def frontend_main(
-    settings: Settings, sockets: list[socket.socket], address: str, epoch_value: Any, index: int
+    settings: Settings,
+    sockets: list[socket.socket],
+    address: str,
+    epoch_value: Any,
+    index: int,
+    supervisor_pid: int,
 ) -> None:
     """One HTTP front-end process: uvicorn on the shared socket, an EngineClient of the core."""
     from model_store.layout import StoreLayout, read_manifest
@@ -151,7 +170,13 @@ def frontend_main(
 
     def build(observer: EngineObserver) -> RemoteEngine:
         client = EngineClient(info, row_tokenizer, engine_config, observer, settings.num_frontends())
-        return RemoteEngine(client, address, lambda: int(epoch_value.value), on_orphaned=orphaned)
+        return RemoteEngine(
+            client,
+            address,
+            lambda: int(epoch_value.value),
+            on_orphaned=orphaned,
+            supervisor_pid=supervisor_pid,
+        )
 
     def orphaned() -> None:
         logger.error("the supervisor is gone; draining and exiting")
@@ -261,7 +286,7 @@ class Supervisor:
     def _start_frontend(self, index: int) -> None:
         process = self._mp.Process(
             target=frontend_main,
-            args=(self.settings, [self._socket], self._address, self._epoch, index),
+            args=(self.settings, [self._socket], self._address, self._epoch, index, os.getpid()),
             name=f"exitserve-frontend-{index}",
         )
         process.start()

@@ -31,12 +31,16 @@ class RemoteEngine:
         address: str,
         current_epoch: Callable[[], int],
         on_orphaned: Callable[[], None] | None = None,
+        supervisor_pid: int | None = None,
     ) -> None:
+        """``on_orphaned`` is called once the process ``supervisor_pid`` (this one's parent if None) is
+        no longer this process's parent: it has ended. A front end is given the supervisor's pid: read
+        from ``getppid`` at start-up, it is already someone else's if the supervisor ended meanwhile."""
         self.client = client
         self._address = address
         self._current_epoch = current_epoch
         self._on_orphaned = on_orphaned
-        self._parent_pid = os.getppid()
+        self._parent_pid = os.getppid() if supervisor_pid is None else supervisor_pid
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False

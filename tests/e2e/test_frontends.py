@@ -218,6 +218,43 @@ def test_killed_core_answers_in_flight_503_and_service_resumes(tmp_path: Path) -
     assert "exited within 10 s of its start 3 times in a row; stopping" in running.log()
 
 
+def test_a_killed_supervisor_takes_every_process_with_it(tmp_path: Path) -> None:
+    """SIGKILL the supervisor (no handler of its own runs): the front ends notice and drain, the
+    forkserver ends as its last holder is gone, and the core ends with the forkserver. Nothing is left
+    holding the model's memory or waiting on a socket nobody serves."""
+    save_tiny_store(tmp_path / "store")
+    running = start_server(tmp_path / "store", tmp_path / "server.log", frontends=2)
+    try:
+        core = _core_pid(running, 1)
+        assert core is not None
+        children = _children(running.process.pid)  # the front ends, the forkserver, the resource tracker
+        assert _parent(core) in children and len(children) >= 3, children
+        running.process.kill()
+        running.process.wait(timeout=10)
+        give_up_s = time.monotonic() + 30
+        for pid in [core, *children]:
+            while not _ended(pid):
+                assert time.monotonic() < give_up_s, f"{pid} outlived the supervisor:\n{running.log()}"
+                time.sleep(0.05)
+    finally:
+        running.terminate()
+
+
+def _parent(pid: int) -> int:
+    return int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{pid}/status").read_text(), re.M)[1])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"\nPPid:\t{pid}\n" in status.read_text():
+                found.append(int(status.parent.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended while listed
+    return found
+
+
 def _core_serves(running: ServerProcess, epoch: int) -> int:
     """Core ``epoch`` serves: ``/readyz`` 200 and an answer. It was forked from the forkserver that
     imported torch once (spawned, it would import it again): its parent is that server, not the
@@ -230,7 +267,7 @@ def _core_serves(running: ServerProcess, epoch: int) -> int:
     assert ok.status_code == 200, ok.text
     pid = _core_pid(running, epoch)
     assert pid is not None
-    parent = int(re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{pid}/status").read_text(), re.M)[1])
+    parent = _parent(pid)
     assert parent != running.process.pid
     assert b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
     return parent
