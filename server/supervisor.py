@@ -46,9 +46,9 @@ STOP_GRACE_S = 5.0
 # tokenizer gone bad): the supervisor stops with exit 1 instead of restarting it forever.
 EARLY_EXIT_S = 10.0
 MAX_EARLY_EXITS = 3
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # What the forkserver imports once, for every core it forks (none of it imports prometheus_client, whose
 # value class is chosen at import from PROMETHEUS_MULTIPROC_DIR: the core imports it after the fork).
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 CORE_PRELOAD = ["torch", "transformers", "zmq", "model_store.store", "server.engine.core"]
 
 
@@ -73,7 +73,7 @@ def _die_with_parent() -> None:
     if alive_fd is not None:
         with contextlib.suppress(OSError):
             os.close(alive_fd)
-        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]  # not None: it held the fd
     parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)

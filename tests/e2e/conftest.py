@@ -85,7 +85,7 @@ def start_server(
         preexec_fn=preexec_fn,
     )
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, log)
-    give_up_s = time.monotonic() + 90  # two front ends and a core each import torch
+    give_up_s = time.monotonic() + 90  # the core imports torch, loads its model (slow on a busy machine)
     while time.monotonic() < give_up_s:
         if process.poll() is not None:
             log.close()
