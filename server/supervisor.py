@@ -46,6 +46,7 @@ STOP_GRACE_S = 5.0
 # tokenizer gone bad): the supervisor stops with exit 1 instead of restarting it forever.
 EARLY_EXIT_S = 10.0
 MAX_EARLY_EXITS = 3
+CORE_START_ATTEMPTS = 20  # 0.1 s apart
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # What the forkserver imports once, for every core it forks (none of it imports prometheus_client, whose
 # value class is chosen at import from PROMETHEUS_MULTIPROC_DIR: the core imports it after the fork).
@@ -227,7 +228,8 @@ class Supervisor:
                 logger.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, e)
                 return 1
             # The front ends start while the core loads the model (they answer /readyz 503 meanwhile).
-            self._start_core()
+            if not self._start_core():
+                return 1
             for index in range(self.num_frontends):
                 self._start_frontend(index)
             if not self._wait_core_ready():
@@ -258,17 +260,32 @@ class Supervisor:
         sock.set_inheritable(True)
         return sock
 
-    def _start_core(self) -> None:
+    def _start_core(self) -> bool:
+        """Start the next core; False (and the server stops, exit 1) if it cannot be started."""
         self._core_epoch += 1
         self._busy.value = 0.0
-        process = self._core_mp.Process(
-            target=core_main,
-            args=(self.settings, self._address, self._epoch, self._busy, self._core_epoch),
-            name=f"exitserve-core-{self._core_epoch}",
-        )
-        process.start()
-        self._core = process
-        self._started_s["core"] = time.monotonic()
+        for attempt in range(1, CORE_START_ATTEMPTS + 1):
+            process = self._core_mp.Process(
+                target=core_main,
+                args=(self.settings, self._address, self._epoch, self._busy, self._core_epoch),
+                name=f"exitserve-core-{self._core_epoch}",
+            )
+            try:
+                process.start()
+            except (EOFError, OSError) as e:
+                # A killed forkserver reads as alive until it is reaped: multiprocessing then asks it for
+                # a fork and reads EOF. Reaped at the next try, it is started again.
+                logger.warning("engine core %d not started (%s: %s; try %d)", self._core_epoch,
+                               type(e).__name__, e, attempt)  # fmt: skip
+                time.sleep(0.1)
+                continue
+            self._core = process
+            self._started_s["core"] = time.monotonic()
+            return True
+        logger.error("engine core %d could not be started; stopping", self._core_epoch)
+        self._failed = True
+        self._stop_requested = True
+        return False
 
     def _wait_core_ready(self) -> bool:
         """Wait for the first core to serve; False if it exited, a stop was asked for or it took too long."""

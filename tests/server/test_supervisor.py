@@ -29,3 +29,38 @@ def test_every_preloaded_module_imports_and_none_brings_prometheus_client_or_the
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout) == []
     assert {"torch", "transformers"} <= set(CORE_PRELOAD)
+
+
+def test_a_core_that_cannot_be_forked_is_tried_again_and_then_the_server_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A killed forkserver reads as alive until it is reaped: the fork request then reads EOF. The next
+    try starts a new forkserver; a core that never starts stops the server (exit 1), not a crash that
+    leaves the front ends waiting."""
+    import shutil
+
+    from server import supervisor as supervisor_module
+    from server.settings import load_settings
+
+    failures = [2]
+
+    class Forks:
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+        def start(self) -> None:
+            if failures[0]:
+                failures[0] -= 1
+                raise EOFError("unexpected EOF")
+
+    monkeypatch.setattr(supervisor_module.time, "sleep", lambda _s: None)
+    supervisor = supervisor_module.Supervisor(load_settings([]), 2)
+    try:
+        supervisor._core_mp = type("Context", (), {"Process": Forks})()  # type: ignore[assignment]
+        assert supervisor._start_core() and failures == [0]
+        assert not supervisor._failed
+        failures[0] = supervisor_module.CORE_START_ATTEMPTS
+        assert not supervisor._start_core()
+        assert supervisor._failed and supervisor._stop_requested
+    finally:
+        shutil.rmtree(supervisor._runtime_dir, ignore_errors=True)
