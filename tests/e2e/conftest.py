@@ -38,6 +38,14 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait(self, timeout_s: float = 30.0) -> int:
+        """The exit code of a server already sent SIGTERM. Not ``terminate``: a second SIGTERM can land
+        after uvicorn has put back the default handler, while the process exits, and kill it (-15)."""
+        try:
+            return self.process.wait(timeout=timeout_s)
+        finally:
+            self.log_file.close()
+
     def terminate(self, timeout_s: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

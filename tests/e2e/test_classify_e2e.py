@@ -100,7 +100,7 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(
             await asyncio.sleep(0.3)  # requests are in flight
             running.process.send_signal(signal.SIGTERM)
             results = await asyncio.gather(*tasks, return_exceptions=True)
-            code = await asyncio.to_thread(running.terminate, 60)
+            code = await asyncio.to_thread(running.wait, 60)
             return results, code
 
     started = time.monotonic()
@@ -135,7 +135,7 @@ def test_drain_overrun_answers_leftovers_with_json_503_and_exits_zero(tmp_path, 
             signalled = time.monotonic()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             answered_s = time.monotonic() - signalled
-            code = await asyncio.to_thread(running.terminate, 60)
+            code = await asyncio.to_thread(running.wait, 60)
             return results, code, answered_s
 
     results, code, answered_s = asyncio.run(scenario())
